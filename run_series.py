@@ -170,8 +170,10 @@ def main(argv=None) -> int:
                 os.replace(target, path)
         except pm.PapermillExecutionError as err:
             print("failed")
+            first = (err.source.strip().splitlines() or [""])[0][:60]
             print(f"error: {path.stem} stopped in cell {err.exec_count} "
-                  f"with {err.ename}: {err.evalue}", file=sys.stderr)
+                  f"({first}) with {err.ename}: {err.evalue}",
+                  file=sys.stderr)
             if not args.refresh:
                 print(f"The partly executed notebook is {target}; the "
                       "notebooks before it finished.", file=sys.stderr)

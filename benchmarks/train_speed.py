@@ -1,0 +1,174 @@
+"""How fast does the series train? A benchmark with ratios, not seconds.
+
+Three things run side by side in one process, one epoch of each in turn, so
+that the load of a shared machine falls on all of them alike:
+
+(a) baseline: the loop of pytorch/examples' vae/main.py for this same model
+    (TensorDataset + DataLoader with shuffling, sigmoid + binary cross
+    entropy, closed-form KL, Adam with default settings, loss.item() every
+    step);
+(b) the series' loop, helpers.train_epoch: the training set resident as one
+    tensor, minibatches indexed from a permutation, the Monte Carlo ELBO of
+    notebook 02, fused Adam;
+(c) the bound: the same matrix multiplications as one training epoch
+    (forward and backward shapes, into preallocated outputs), with no
+    autograd, no elementwise work and no optimiser.
+
+Both models start from the same weights and train for the same epochs; their
+test ELBOs are then estimated the same way (K = 10), so the speed-up is at
+equal quality. Run `make bench`; `--record` also writes the two ratios into
+data/metrics.json for the README's results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import helpers as hp
+
+
+class ExamplesVAE(torch.nn.Module):
+    """The model of Appendix C written as pytorch/examples writes its VAE."""
+
+    def __init__(self, source: hp.VAE):
+        super().__init__()
+        dz = source.latent_dim
+        self.fc1 = copy.deepcopy(source.enc_hidden)
+        self.fc21 = torch.nn.Linear(source.enc_out.in_features, dz)
+        self.fc22 = torch.nn.Linear(source.enc_out.in_features, dz)
+        with torch.no_grad():  # the same initial weights as the series' model
+            for dst, rows in ((self.fc21, slice(0, dz)),
+                              (self.fc22, slice(dz, 2 * dz))):
+                dst.weight.copy_(source.enc_out.weight[rows])
+                dst.bias.copy_(source.enc_out.bias[rows])
+        self.fc3 = copy.deepcopy(source.dec_hidden)
+        self.fc4 = copy.deepcopy(source.dec_out)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        mu, logvar = self.fc21(h), self.fc22(h)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(torch.tanh(self.fc3(z)))), mu, logvar
+
+    def as_series_model(self) -> hp.VAE:
+        """The same weights in the series' class, for a common evaluation."""
+        model = hp.VAE(self.fc21.out_features, self.fc1.out_features)
+        with torch.no_grad():
+            model.enc_hidden.load_state_dict(self.fc1.state_dict())
+            model.enc_out.weight.copy_(torch.cat([self.fc21.weight,
+                                                  self.fc22.weight]))
+            model.enc_out.bias.copy_(torch.cat([self.fc21.bias,
+                                                self.fc22.bias]))
+            model.dec_hidden.load_state_dict(self.fc3.state_dict())
+            model.dec_out.load_state_dict(self.fc4.state_dict())
+        return model
+
+
+def baseline_epoch(model, optimizer, loader):
+    train_loss = 0.0
+    for (data,) in loader:
+        optimizer.zero_grad()
+        recon, mu, logvar = model(data)
+        bce = F.binary_cross_entropy(recon, data, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        loss = bce + kld
+        loss.backward()
+        train_loss += loss.item()
+        optimizer.step()
+    return -train_loss / len(loader.dataset)
+
+
+class MatmulBound:
+    """The matrix products of one training step, and nothing else."""
+
+    def __init__(self, m: int, d: int, h: int, dz: int):
+        r = torch.randn
+        self.ops = []
+        shapes = [  # (rows, inner, cols) of each product in a step
+            (m, d, h), (m, h, 2 * dz), (m, dz, h), (m, h, d),      # forward
+            (d, m, h), (m, d, h),            # decoder output: dW, dh
+            (h, m, dz), (m, h, dz),          # decoder hidden: dW, dz
+            (2 * dz, m, h), (m, 2 * dz, h),  # encoder output: dW, dh
+            (h, m, d),                       # encoder hidden: dW only
+        ]
+        for rows, inner, cols in shapes:
+            self.ops.append((r(rows, inner), r(inner, cols),
+                             torch.empty(rows, cols)))
+
+    def epoch(self, steps: int) -> None:
+        for _ in range(steps):
+            for a, b, out in self.ops:
+                torch.mm(a, b, out=out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--record", action="store_true",
+                    help="write the ratios into data/metrics.json")
+    args = ap.parse_args(argv)
+    hp._whole("--epochs", args.epochs, 1, 1000)
+
+    config = hp.VAEConfig()
+    data = hp.load_mnist(config.n_train, verbose=False)
+    torch.manual_seed(config.seed)
+    ours = hp.VAE.from_config(config)
+    theirs = ExamplesVAE(ours)
+    opt_ours = hp.make_optimizer(ours, config.lr)
+    opt_theirs = torch.optim.Adam(theirs.parameters(), lr=config.lr)
+    loader = DataLoader(TensorDataset(data.x_train),
+                        batch_size=config.batch_size, shuffle=True)
+    gen = hp.make_generator(config.seed)
+    steps = len(loader)
+    bound = MatmulBound(config.batch_size, 784, config.hidden_dim,
+                        config.latent_dim)
+
+    times = {"dataloader": [], "series": [], "matmul": []}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.epochs} epochs of {steps} steps each\n")
+    print("epoch  dataloader  series  matmuls   (seconds)")
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        baseline_epoch(theirs, opt_theirs, loader)
+        t1 = time.perf_counter()
+        hp.train_epoch(ours, opt_ours, data.x_train, config.batch_size, gen)
+        t2 = time.perf_counter()
+        bound.epoch(steps)
+        t3 = time.perf_counter()
+        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+            times[key].append(dt)
+        print(f"{epoch:5d}  {t1 - t0:10.3f}  {t2 - t1:6.3f}  {t3 - t2:7.3f}")
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    eval_gen = hp.make_generator(123)
+    quality = {}
+    for name, model in (("dataloader", theirs.as_series_model()),
+                        ("series", ours)):
+        model.eval()
+        quality[name] = hp.evaluate_bounds(model, data.x_test, 10,
+                                           eval_gen)[0].mean().item()
+    speedup = med["dataloader"] / med["series"]
+    over_bound = med["series"] / med["matmul"]
+    print(f"\nmedian seconds per epoch: dataloader {med['dataloader']:.3f}, "
+          f"series {med['series']:.3f}, matmuls alone {med['matmul']:.3f}")
+    print(f"test ELBO after {args.epochs} epochs (K = 10): dataloader "
+          f"{quality['dataloader']:.2f}, series {quality['series']:.2f}")
+    print(f"speed-up over the DataLoader loop: {speedup:.2f}x "
+          f"(goal: at least 1.5x)")
+    print(f"series loop / matmul bound: {over_bound:.2f}x "
+          f"(goal: at most 1.25x)")
+    if args.record:
+        hp.update_metrics(hp.output_paths(), train_speedup_vs_dataloader=speedup,
+                          train_time_over_matmul_bound=over_bound)
+        print("recorded in data/metrics.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The model, the ELBO and IWAE bounds, training, checkpoints and the
+parameter checks that run before any work."""
+
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+import helpers as hp
+
+
+def tiny_model(seed=0, pixels=3, init_std=0.8):
+    """A 1-D latent VAE small enough to integrate log p(x) exactly."""
+    torch.manual_seed(seed)
+    return hp.VAE(latent_dim=1, hidden_dim=4, init_std=init_std,
+                  n_pixels=pixels).double()
+
+
+def exact_log_px(model, x):
+    """log p(x) for a 1-D latent by a fine grid (the integrand is smooth)."""
+    z = torch.linspace(-12, 12, 24_001, dtype=torch.float64)[:, None]
+    dz = (z[1] - z[0]).item()
+    log_joint = (hp.log_likelihood(model, x[:, None, :], z[None])
+                 + hp.log_prior(z)[None])                 # (N, G)
+    return torch.logsumexp(log_joint, dim=1) + math.log(dz)
+
+
+def test_elbo_and_iwae_bound_the_exact_log_likelihood():
+    model = tiny_model()
+    x = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
+                     dtype=torch.float64)
+    log_px = exact_log_px(model, x)
+    g = hp.make_generator(0)
+    with torch.no_grad():
+        w = hp.log_weights(model, x, 20_000, g)            # (K, N)
+    elbo = w.mean(0)
+    se = w.std(0) / math.sqrt(w.shape[0])
+    assert torch.isfinite(w).all()
+    assert (elbo + 4 * se < log_px).all()                # a strict bound here
+    iwae = hp.evaluate_bounds(model, x, 20_000, g)[1]
+    assert (elbo < iwae).all() and (iwae < log_px + 1e-3).all()
+    # with this many samples IWAE is close to log p(x)
+    assert (log_px - iwae).max() < 0.05
+
+
+def test_elbo_is_the_closed_form_kl_elbo_in_expectation():
+    model = tiny_model(pixels=5)
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    g = hp.make_generator(1)
+    with torch.no_grad():
+        mc = hp.log_weights(model, x, 200_000, g)[:, 0]
+        mu, logvar = model.encode(x)
+        z = hp.gaussian_sample(mu, logvar, 200_000, g)
+        cf = hp.log_likelihood(model, x, z)[:, 0] - \
+            hp.kl_to_std_normal(mu, logvar)[0]
+    se = math.sqrt(mc.var() / len(mc) + cf.var() / len(cf))
+    assert abs(mc.mean() - cf.mean()) < 4 * se
+
+
+def test_kl_closed_form_matches_torch():
+    g = hp.make_generator(2)
+    mu = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    logvar = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    ref = D.kl_divergence(D.Normal(mu, torch.exp(0.5 * logvar)),
+                          D.Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(hp.kl_to_std_normal(mu, logvar), ref)
+
+
+def test_untrained_model_scores_784_log_2():
+    model = hp.VAE()                                # N(0, 0.01^2) weights
+    x = (torch.rand(200, 784, generator=hp.make_generator(3)) < 0.13).float()
+    with torch.no_grad():
+        value = hp.elbo(model, x, 10, hp.make_generator(4)).item()
+    assert value == pytest.approx(-784 * math.log(2), abs=0.5)
+
+
+def test_one_adam_step_improves_the_elbo_on_a_fixed_batch():
+    data = hp.load_mnist(n_train=100, n_test=1, verbose=False)
+    torch.manual_seed(0)
+    model = hp.VAE()
+    opt = hp.make_optimizer(model, 1e-3)
+
+    def fixed_elbo():  # common random numbers: the same noise each time
+        return hp.elbo(model, data.x_train, 20, hp.make_generator(5))
+
+    before = fixed_elbo()
+    opt.zero_grad()
+    (-hp.elbo(model, data.x_train, 1, hp.make_generator(6))).backward()
+    opt.step()
+    with torch.no_grad():
+        after = fixed_elbo()
+    assert after.item() > before.item() + 0.05
+
+
+def test_five_epochs_on_1000_images_learn_a_lot():
+    data = hp.load_mnist(n_train=1000, verbose=False)
+    config = hp.VAEConfig(n_epochs=5, n_train=1000, batch_size=50, lr=3e-3)
+    ckpt = hp.train_vae(config, data, verbose=False, final_samples=5)
+    first_test = ckpt["history"]["test_elbo"][0]
+    final = ckpt["results"]["test_elbo"]
+    # the snapshot before training decodes to p = 0.5 everywhere
+    before = ckpt["snapshots"]["means"][0].float()
+    assert (before - 0.5).abs().max() < 0.01
+    assert first_test > -543 and final > -210
+    assert len(ckpt["history"]["train_elbo"]) == 5
+    assert ckpt["snapshots"]["epochs"] == [0, 1, 2, 5]
+
+
+@pytest.fixture
+def small_checkpoint():
+    data = hp.load_mnist(n_train=200, n_test=200, verbose=False)
+    config = hp.VAEConfig(n_epochs=1, n_train=200, hidden_dim=20)
+    return config, hp.train_vae(config, data, verbose=False, final_samples=2)
+
+
+def test_checkpoint_round_trip(tmp_path, small_checkpoint):
+    config, ckpt = small_checkpoint
+    out = hp.output_paths(tmp_path)
+    path = hp.save_checkpoint(ckpt, out.checkpoints / config.checkpoint_name())
+    assert hp.find_checkpoint(config, out) == path
+    model, loaded = hp.load_checkpoint(config, out)
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert loaded["history"] == ckpt["history"]
+    assert loaded["config"] == config.as_dict()
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(
+        tmp_path, small_checkpoint, monkeypatch):
+    config, ckpt = small_checkpoint
+    path = tmp_path / "model.pt"
+    hp.save_checkpoint(ckpt, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"half a file")
+        raise KeyboardInterrupt("interrupted mid-save")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        hp.save_checkpoint(ckpt, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_mismatched_or_missing_checkpoints_are_refused(tmp_path,
+                                                       small_checkpoint):
+    config, ckpt = small_checkpoint
+    path = hp.save_checkpoint(ckpt, tmp_path / "model.pt")
+    other = hp.VAEConfig(n_epochs=1, n_train=200, hidden_dim=30)
+    with pytest.raises(hp.ConfigError, match="hidden_dim=20 \\(asked 30\\)"):
+        hp.load_checkpoint(other, path=path)
+    missing = hp.VAEConfig(n_epochs=3, n_train=200, hidden_dim=20)
+    with pytest.raises(hp.ConfigError, match="No trained weights"):
+        hp.load_checkpoint(missing, hp.output_paths(tmp_path))
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(hp.ConfigError, match="cannot be read"):
+        hp.load_checkpoint(config, path=path)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(latent_dim=0), "LATENT_DIM"), (dict(hidden_dim=-1), "HIDDEN_DIM"),
+    (dict(n_epochs=-5), "EPOCHS"), (dict(batch_size=20_000), "BATCH_SIZE"),
+    (dict(lr=0), "LR"), (dict(lr=float("nan")), "LR"),
+    (dict(latent_dim=2.0), "LATENT_DIM"), (dict(seed=True), "SEED")])
+def test_bad_parameters_are_refused_in_one_sentence(kwargs, name):
+    with pytest.raises(hp.ConfigError) as err:
+        hp.VAEConfig(**kwargs)
+    message = str(err.value)
+    assert message.startswith(name) and "\n" not in message
+    # the batch runner's check sees the same problem by parameter name
+    params = {n: kwargs[f] for n, f in hp.PARAMETER_FIELDS.items()
+              if f in kwargs}
+    with pytest.raises(hp.ConfigError, match=name):
+        hp.check_parameters(params)
+
+
+def test_the_committed_checkpoint_matches_the_model_code():
+    """Fails when the model code or the default configuration drifts away
+    from the weights in data/: the file must load into today's VAE and
+    reproduce the test ELBO it recorded after its last epoch."""
+    config = hp.VAEConfig()
+    path = hp.DATA_DIR / config.checkpoint_name()
+    assert path.is_file(), f"{path.name} is missing from data/"
+    model, ckpt = hp.load_checkpoint(config, path=path)
+    data = hp.load_mnist(verbose=False)
+    with torch.no_grad():
+        value = hp.elbo(model, data.x_test, 4, hp.make_generator(7)).item()
+    recorded = ckpt["history"]["test_elbo"][-1]
+    assert abs(value - recorded) < 0.5
+    assert ckpt["results"]["test_elbo"] < ckpt["results"]["test_iwae"]

@@ -1,0 +1,66 @@
+"""The batch runner: bad input stops it at once with one sentence, a
+failing notebook is named with its cell, and a tiny run of 02 and 03 works
+end to end through papermill into a scratch folder."""
+
+import json
+
+import nbformat
+import pytest
+
+import helpers as hp
+import run_series
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-p", "EPOCHS=-5"], "EPOCHS must be a whole number"),
+    (["-p", "LATENT_DIM=0"], "LATENT_DIM must be a whole number"),
+    (["--only", "42"], "no notebook called '42'"),
+    (["-p", "NO_SUCH=1"], "no selected notebook has a parameter NO_SUCH"),
+    (["-p", "EPOCHS"], "is not NAME=VALUE"),
+    (["--refresh", "-p", "EPOCHS=5"], "drop the overrides"),
+])
+def test_bad_input_stops_before_any_notebook_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_series.main(argv)
+    text = str(stop.value)
+    assert text.startswith("error: ") and message in text
+    assert "\n" not in text
+    assert "Running" not in capsys.readouterr().out
+
+
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch,
+                                                   capsys):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("OUTPUT_DIR = ''")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("print('fine')"),
+                nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python",
+                                 "display_name": "Python 3"}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "99_broken.ipynb")
+    monkeypatch.setattr(hp, "NOTEBOOKS_DIR", tmp_path / "nbs")
+    assert run_series.main(["--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert ("99_broken stopped in cell 4 (raise ValueError('boom')) with "
+            "ValueError: boom") in err  # cell 3 follows papermill's cell
+    assert (tmp_path / "out" / "notebooks" / "99_broken.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_tiny_batch_run_of_02_and_03(tmp_path):
+    out = tmp_path / "run"
+    code = run_series.main([
+        "--only", "02,03", "--out", str(out), "-p", "EPOCHS=1",
+        "-p", "N_TRAIN=500", "-p", "N_TEST=500", "-p", "N_REPEATS=50"])
+    assert code == 0
+    config = hp.VAEConfig(n_epochs=1, n_train=500)
+    assert (out / "checkpoints" / config.checkpoint_name()).is_file()
+    assert not (hp.DATA_DIR / config.checkpoint_name()).exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert -543.5 < metrics["test_elbo"] < 0
+    assert (out / "figures" / "03_learning_curves.png").is_file()
+    executed = nbformat.read(out / "notebooks" / "03_training.ipynb", 4)
+    injected = [c for c in executed.cells
+                if "injected-parameters" in c.metadata.get("tags", [])]
+    assert "EPOCHS = 1" in injected[0].source
