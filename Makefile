@@ -17,7 +17,7 @@ PARAM_NAMES := EPOCHS SEED LATENT_DIM HIDDEN_DIM N_TRAIN N_TEST LR BATCH_SIZE
 PARAMS := $(foreach p,$(PARAM_NAMES),$(if $($(p)),-p $(p)=$($(p)))) \
           $(foreach p,$(P),-p $(p))
 
-.PHONY: run test refresh bench venv data clean
+.PHONY: run test refresh report bench venv data clean
 
 run: $(READY) $(MNIST)
 	$(PY) run_series.py --out $(OUT) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(PARAMS)
@@ -30,8 +30,12 @@ test: $(READY) $(MNIST)
 refresh: $(READY) $(MNIST)
 	$(PY) run_series.py --refresh $(if $(NOTEBOOKS),--only $(NOTEBOOKS))
 
+# The committed notebooks as a static HTML site in build/html (offline).
+report: $(READY)
+	$(PY) report.py
+
 bench: $(READY) $(MNIST)
-	$(PY) benchmarks/train_speed.py
+	$(PY) benchmarks/train_speed.py --record
 
 venv: $(READY)
 data: $(MNIST)

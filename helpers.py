@@ -594,9 +594,8 @@ def check_close(claim: str, ours: torch.Tensor, ref: torch.Tensor,
         raise ValueError(f"check_close: shapes differ, {tuple(ours.shape)}"
                          f" vs {tuple(ref.shape)}")
     same = ours == ref
-    diff = torch.where(same, torch.zeros_like(ours), ours - ref).abs()
-    bound = atol + rtol * ref.abs()
-    ok = bool((diff <= bound).all())
+    close = (ours - ref).abs() <= atol + rtol * ref.abs()
+    ok = bool((same | close).all())
     tol = " + ".join(t for t in (f"{atol:.0e}" if atol else "",
                                  f"{rtol:.0e} x |reference|" if rtol else "")
                      if t) or "0"
@@ -650,6 +649,31 @@ def tile_images(x: torch.Tensor, nrow: int, pad: int = 2,
     grid = make_grid(imgs.detach().float().cpu().unsqueeze(1), nrow=nrow,
                      padding=pad, pad_value=pad_value)
     return grid[0].numpy()
+
+
+def interpolate(z_a: torch.Tensor, z_b: torch.Tensor,
+                n_points: int = 10) -> torch.Tensor:
+    """Points on the segment between two latent codes (06).
+
+    ``z_alpha = alpha * z_a + (1 - alpha) * z_b`` for ``n_points`` equally
+    spaced alpha from 1 down to 0, so the path runs from z_a to z_b.
+
+    Returns:
+        tensor of shape (n_points, Dz).
+    """
+    if z_a.shape != z_b.shape or z_a.dim() != 1:
+        raise ValueError(f"interpolate: z_a and z_b must be two vectors of "
+                         f"one size, got {tuple(z_a.shape)} and "
+                         f"{tuple(z_b.shape)}")
+    alpha = torch.linspace(1.0, 0.0, n_points, dtype=z_a.dtype)[:, None]
+    return alpha * z_a + (1 - alpha) * z_b
+
+
+def class_colors():
+    """One colour per digit class, the same in every figure (06)."""
+    import matplotlib as mpl
+
+    return [mpl.colormaps["tab10"](d) for d in range(10)]
 
 
 def plot_defaults() -> None:
@@ -875,10 +899,18 @@ def log_q(z: torch.Tensor, mu: torch.Tensor,
     return gaussian_log_pdf(z, mu, logvar)
 
 
-def log_likelihood(model: VAE, x: torch.Tensor,
-                   z: torch.Tensor) -> torch.Tensor:
-    """log p(x|z), summed over the 784 pixels, (...,) (02)."""
-    return bernoulli_log_pdf(x, model.decode(z))
+def log_likelihood(model: VAE, x: torch.Tensor, z: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x|z), summed over the 784 pixels, (...,) (02).
+
+    With a boolean pixel ``mask``, only those pixels count (07): for
+    example ``log p(x_top | z)`` with :data:`TOP_HALF`. Given z the pixels
+    are independent, so leaving some out is just leaving out their terms.
+    """
+    logits = model.decode(z)
+    if mask is not None:
+        x, logits = x[..., mask], logits[..., mask]
+    return bernoulli_log_pdf(x, logits)
 
 
 def kl_to_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -928,21 +960,28 @@ def logsumexp(a: torch.Tensor, dim: int = -1,
               keepdim: bool = False) -> torch.Tensor:
     """``log sum exp(a)`` along ``dim``, without overflow or underflow (04).
 
-    Subtracts the largest entry m first: ``m + log sum exp(a - m)``. Rows of
-    all -inf give -inf (not NaN); a row holding +inf gives +inf; NaN
-    propagates.
+    Subtracts the largest entry m first: ``m + log sum exp(a - m)``, so the
+    largest term is exp(0) = 1 and nothing overflows. Differences below
+    ``log(tiny) + 1`` (-86 in float32, -707 in float64) are raised to that
+    floor before ``exp``: their terms stay far below the precision of a sum
+    that is at least 1, and ``exp`` avoids its slow path near the smallest
+    normal number. Rows of all -inf give -inf (not NaN); a row holding +inf
+    gives +inf; NaN propagates.
     """
     m = a.amax(dim=dim, keepdim=True)
     # where the max is infinite, shift by 0 so that inf - inf never happens
     shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    out = shift + torch.log(torch.exp(a - shift).sum(dim=dim, keepdim=True))
+    floor = math.log(torch.finfo(a.dtype).tiny) + 1.0
+    terms = (a - shift).clamp_(min=floor).exp_()
+    out = shift + torch.log(terms.sum(dim=dim, keepdim=True))
+    out = torch.where(m == -math.inf, m, out)  # all -inf: the sum is empty
     return out if keepdim else out.squeeze(dim)
 
 
 @torch.no_grad()
 def evaluate_bounds(model: VAE, x: torch.Tensor, n_samples: int = 100,
                     generator: torch.Generator | None = None,
-                    chunk: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+                    rows: int = 8_192, with_se: bool = False):
     """Per-image ELBO and IWAE bound with K samples from q(z|x) (03).
 
     Both come from the same K log weights: the ELBO is their mean, the
@@ -954,16 +993,23 @@ def evaluate_bounds(model: VAE, x: torch.Tensor, n_samples: int = 100,
         x: binarised images, (N, 784).
         n_samples: K.
         generator: a seeded generator, for reproducible numbers.
-        chunk: images per step, to bound memory.
+        rows: about how many latent samples to decode at once (K times
+            the images per step), to bound memory.
+        with_se: also return each ELBO estimate's standard error.
     Returns:
-        ``(elbo, iwae)``, each of shape (N,), float64.
+        ``(elbo, iwae)`` or ``(elbo, iwae, elbo_se)``, each (N,), float64.
     """
-    elbos, iwaes = [], []
-    for xb in x.split(chunk):
+    elbos, iwaes, ses = [], [], []
+    per_chunk = max(1, rows // n_samples)  # about `rows` decoder calls a step
+    for xb in x.split(per_chunk):
         w = log_weights(model, xb, n_samples, generator).double()  # (K, m)
         elbos.append(w.mean(0))
         iwaes.append(logsumexp(w, dim=0) - math.log(n_samples))
-    return torch.cat(elbos), torch.cat(iwaes)
+        if with_se:
+            ses.append(w.std(0) / math.sqrt(n_samples) if n_samples > 1
+                       else torch.full_like(w[0], math.nan))
+    out = (torch.cat(elbos), torch.cat(iwaes))
+    return out + (torch.cat(ses),) if with_se else out
 
 
 # ---------------------------------------------------------------------------
@@ -1159,3 +1205,570 @@ def load_checkpoint(config: VAEConfig, outputs: Outputs | None = None,
     model.load_state_dict(ckpt["state_dict"])
     model.to(device or get_device()).eval()
     return model, ckpt
+
+
+# ---------------------------------------------------------------------------
+# 9. Integrating over a two-dimensional latent space
+# ---------------------------------------------------------------------------
+
+def log_integrate_grid(log_f: torch.Tensor, spacing: float,
+                       ndim: int = 2) -> torch.Tensor:
+    """``log of the integral of f`` from ``log f`` on an equally spaced grid
+    (04).
+
+    The rectangle rule, ``integral ~ sum_g f(z_g) * spacing^ndim``, taken in
+    log space: ``logsumexp(log f) + ndim * log(spacing)`` over the last
+    ``ndim`` dimensions, so no ``f`` is ever exponentiated on its own.
+    """
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    flat = log_f.reshape(*log_f.shape[:log_f.dim() - ndim], -1)
+    return logsumexp(flat, dim=-1) + ndim * math.log(spacing)
+
+
+def grid_axis(lim: float, spacing: float) -> torch.Tensor:
+    """Equally spaced points from -lim to lim, both included (04)."""
+    steps = 2 * lim / spacing
+    if spacing <= 0 or lim <= 0 or abs(steps - round(steps)) > 1e-6:
+        raise ConfigError(f"a grid from -{lim} to {lim} needs a positive "
+                          f"spacing that divides {2 * lim} evenly, got "
+                          f"{spacing}.")
+    return torch.linspace(-lim, lim, int(round(steps)) + 1)
+
+
+def log_p_x_given_zero(logits: torch.Tensor,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``log p(x = 0 | z)`` for each row of logits, over the masked pixels.
+
+    With it, ``log p(x|z) = x . l(z) + log p(0|z)``: linear in x, so one
+    matrix product scores many images against many latent points (04).
+    """
+    if mask is not None:
+        logits = logits[..., mask]
+    return bernoulli_log_pdf(torch.zeros_like(logits[..., :1]), logits)
+
+
+@torch.no_grad()
+def _stream_latents(model: VAE, x: torch.Tensor, blocks, mask=None,
+                    moments: bool = False, chunk: int = 256):
+    """Accumulate, for every image, the log of ``sum_s exp(log p(x|z_s) +
+    extra_s)`` over latent points that arrive in blocks, and optionally the
+    weighted mean and second moment of z.
+
+    Each block is decoded once and shared by all images: one matrix product
+    per chunk of images. Memory stays bounded by the block and chunk sizes.
+    """
+    xs = x if mask is None else x[:, mask]
+    n = len(x)
+    total = torch.full((n,), -math.inf, dtype=torch.float64)
+    # running weighted averages of (z1, z2, z1^2, z1 z2, z2^2)
+    mom = torch.zeros(n, 5, dtype=torch.float64) if moments else None
+    for z, extra in blocks:                                     # (B, Dz)
+        logits = model.decode(z)                                # (B, 784)
+        base = log_p_x_given_zero(logits, mask) + extra         # (B,)
+        lt = (logits if mask is None else logits[:, mask]).T    # (D, B)
+        for start in range(0, n, chunk):
+            xb = xs[start:start + chunk]
+            lj = torch.addmm(base, xb, lt)                      # (m, B)
+            part = logsumexp(lj, dim=1).double()                # (m,)
+            sl = slice(start, start + len(xb))
+            new = torch.logaddexp(total[sl], part)
+            if moments:
+                w = (lj - part[:, None].float()).exp_()         # (m, B)
+                feats = torch.stack([z[:, 0], z[:, 1], z[:, 0] ** 2,
+                                     z[:, 0] * z[:, 1], z[:, 1] ** 2],
+                                    dim=1)                      # (B, 5)
+                a = torch.exp(total[sl] - new)[:, None]
+                b = torch.exp(part - new)[:, None]
+                mom[sl] = a * mom[sl] + b * (w @ feats).double()
+            total[sl] = new
+    if not moments:
+        return total, None, None
+    return total, mom[:, :2], mom[:, 2:]
+
+
+def grid_points(lim: float, spacing: float,
+                offset: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """The points of the square grid ``[-lim, lim]^2``, optionally shifted
+    by ``offset``, as a (G, 2) tensor (04)."""
+    axis = grid_axis(lim, spacing)
+    return torch.cartesian_prod(axis + offset[0], axis + offset[1])
+
+
+def _needs_2d(model: VAE) -> None:
+    if model.latent_dim != 2:
+        raise ConfigError(f"grid integration is written for LATENT_DIM = 2, "
+                          f"this model has {model.latent_dim}; use the "
+                          "2-D model for notebooks 04 and 07.")
+
+
+def log_joint_sum(model: VAE, x: torch.Tensor, points: torch.Tensor,
+                  mask: torch.Tensor | None = None, moments: bool = False,
+                  block: int = 16_384):
+    """``log sum_g exp(log p(x|z_g) + log p(z_g))`` for every image (04).
+
+    The decoder runs once per point ``z_g``; each chunk of images is scored
+    against each block of points by one matrix product. With ``mask`` (a
+    boolean pixel mask) only those pixels count. With ``moments``, also the
+    mean and second moments of z under the normalised weights.
+
+    Returns:
+        float64 (N,), or ``(lse, m1 (N, 2), m2 (N, 3))`` with ``moments``.
+    """
+    blocks = ((z, log_prior(z)) for z in points.split(block))
+    total, m1, m2 = _stream_latents(model, x, blocks, mask, moments)
+    return (total, m1, m2) if moments else total
+
+
+def log_px_quadrature(model: VAE, x: torch.Tensor, lim: float = 7.0,
+                      spacing: float = 0.05,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x) of every image by quadrature on a shared grid (04).
+
+    ``log p(x) = log integral p(x|z) p(z) dz``, by the rectangle rule on
+    the grid ``[-lim, lim]^2``: ``log_joint_sum`` over the grid plus
+    ``2 log(spacing)``. With ``mask``, ``log p(x_mask)`` of those pixels.
+
+    Returns:
+        float64 tensor of shape (N,).
+    """
+    _needs_2d(model)
+    return (log_joint_sum(model, x, grid_points(lim, spacing), mask)
+            + 2 * math.log(spacing))
+
+
+def posterior_moments(model: VAE, x: torch.Tensor, lim: float = 7.0,
+                      spacing: float = 0.05,
+                      mask: torch.Tensor | None = None):
+    """log p(x), and the mean and covariance of p(z|x), from the grid (04).
+
+    Returns:
+        ``(log_px (N,), mean (N, 2), cov (N, 2, 2))``, float64.
+    """
+    _needs_2d(model)
+    total, m1, m2 = log_joint_sum(model, x, grid_points(lim, spacing), mask,
+                                  moments=True)
+    cov = torch.empty(len(x), 2, 2, dtype=torch.float64)
+    cov[:, 0, 0] = m2[:, 0] - m1[:, 0] ** 2
+    cov[:, 0, 1] = cov[:, 1, 0] = m2[:, 1] - m1[:, 0] * m1[:, 1]
+    cov[:, 1, 1] = m2[:, 2] - m1[:, 1] ** 2
+    return total + 2 * math.log(spacing), m1, cov
+
+
+def log_px_prior_mc(model: VAE, x: torch.Tensor, n_samples: int,
+                    generator: torch.Generator | None = None,
+                    block: int = 16_384) -> torch.Tensor:
+    """log p(x) by plain Monte Carlo from the prior, shared by all images
+    (04).
+
+    ``log (1/S) sum_s p(x|z_s)`` with ``z_s ~ p(z)``: unbiased for p(x)
+    (not for log p(x)), and independent of the grid. It works only when S is
+    large against the prior's odds of landing where p(z|x) has its mass.
+    """
+    def blocks():
+        left = n_samples
+        while left > 0:
+            z = torch.randn(min(block, left), model.latent_dim,
+                            generator=generator)
+            left -= len(z)
+            yield z, torch.zeros(len(z))
+
+    total, _, _ = _stream_latents(model, x, blocks())
+    return total - math.log(n_samples)
+
+
+def posterior_density_window(model: VAE, x: torch.Tensor, log_px: float,
+                             center, half_width: float, n: int = 161,
+                             mask: torch.Tensor | None = None):
+    """The normalised density p(z|x) on an n x n window, for contours (04).
+
+    ``p(z|x) = exp(log p(x|z) + log p(z) - log p(x))`` with ``log p(x)``
+    from the global grid, so a window that misses some mass is still
+    correctly normalised.
+
+    Returns:
+        ``(axis0, axis1, density (n, n))``; ``density[i, j]`` is at
+        ``(axis0[i], axis1[j])``.
+    """
+    c = torch.as_tensor(center, dtype=torch.float32)
+    offsets = torch.linspace(-half_width, half_width, n)
+    axis0, axis1 = c[0] + offsets, c[1] + offsets
+    z = torch.cartesian_prod(axis0, axis1)                      # (n*n, 2)
+    with torch.no_grad():
+        logits = model.decode(z)
+        xs, lg = (x, logits) if mask is None else (x[mask], logits[:, mask])
+        lj = bernoulli_log_pdf(xs, lg) + log_prior(z)           # (n*n,)
+    return axis0, axis1, torch.exp(lj.double() - log_px).reshape(n, n)
+
+
+def _hdr_levels(density: torch.Tensor, masses=(0.99, 0.9, 0.5)):
+    """Density heights whose upper sets hold the given shares of the mass
+    on the window (highest-density regions), in increasing order."""
+    flat = density.flatten().sort(descending=True).values
+    share = flat.cumsum(0) / flat.sum()
+    levels = [flat[min(int((share < m).sum()), len(flat) - 1)].item()
+              for m in masses]
+    return sorted(set(levels))
+
+
+def posterior_box(model: VAE, x: torch.Tensor, log_px: float,
+                  mask: torch.Tensor | None = None, mass: float = 0.999,
+                  lim: float = 7.0, spacing: float = 0.05):
+    """The smallest axis-aligned box holding the global-grid points that
+    make up ``mass`` of p(z|x): where to look at a posterior, even one in
+    several pieces (04). Returns ``(low (2,), high (2,))``."""
+    z = grid_points(lim, spacing)
+    with torch.no_grad():
+        logits = model.decode(z)
+        xs, lg = (x, logits) if mask is None else (x[mask], logits[:, mask])
+        w = torch.exp((bernoulli_log_pdf(xs, lg) + log_prior(z)).double()
+                      - log_px) * spacing ** 2                   # (G,)
+    order = w.argsort(descending=True)
+    keep = order[:int((w[order].cumsum(0) < mass).sum()) + 1]
+    return z[keep].amin(0) - spacing, z[keep].amax(0) + spacing
+
+
+def plot_posterior(ax, model: VAE, x: torch.Tensor, log_px: float,
+                   mu=None, logvar=None, mask: torch.Tensor | None = None,
+                   n: int = 201, title: str | None = None) -> None:
+    """Draw p(z|x) (filled, blue) and q(z|x) (red lines) on a window
+    covering both (04, 07).
+
+    The window holds 99.9% of the posterior's mass (:func:`posterior_box`)
+    and, when q is given, 4.5 of q's standard deviations around its mean.
+    Contours enclose 50%, 90% and 99% of each distribution's mass on the
+    window.
+
+    Args:
+        ax: the matplotlib axes.
+        x: one image, (784,).
+        log_px: its log p(x) (or log p(x_mask)) from the global grid.
+        mu, logvar: q(z|x), optional.
+        mask: pixels that count, for p(z | x_mask).
+    """
+    lo, hi = posterior_box(model, x, log_px, mask)
+    if mu is not None:
+        qsd = torch.exp(0.5 * logvar.float())
+        lo = torch.minimum(lo, mu.float() - 4.5 * qsd)
+        hi = torch.maximum(hi, mu.float() + 4.5 * qsd)
+    center = (lo + hi) / 2
+    half = float((hi - lo).max() / 2) * 1.1
+    a0, a1, dens = posterior_density_window(model, x, log_px, center, half,
+                                            n, mask)
+    ax.contourf(a0, a1, dens.T, levels=[*_hdr_levels(dens), dens.max()],
+                cmap="Blues", alpha=0.9)
+    if mu is not None:
+        z = torch.cartesian_prod(a0, a1).double()
+        q = torch.exp(gaussian_log_pdf(z, mu.double(), logvar.double()))
+        q = q.reshape(n, n)
+        ax.contour(a0, a1, q.T, levels=_hdr_levels(q), colors="C3",
+                   linewidths=1.0)
+    ax.set(xlabel="$z_1$", ylabel="$z_2$", aspect="equal")
+    if title:
+        ax.set_title(title)
+
+
+def roc_curve(positive: torch.Tensor, negative: torch.Tensor):
+    """ROC curve and AUC of a score meant to be higher for ``positive``
+    (04).
+
+    The AUC is the probability that a random positive scores above a
+    random negative (ties count one half), the Mann-Whitney statistic.
+
+    Returns:
+        ``(false_positive_rate, true_positive_rate, auc)``.
+    """
+    scores = torch.cat([positive, negative]).double()
+    labels = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
+    order = torch.argsort(scores, descending=True, stable=True)
+    tpr = torch.cat([torch.zeros(1), labels[order].cumsum(0) / len(positive)])
+    fpr = torch.cat([torch.zeros(1),
+                     (1 - labels[order]).cumsum(0) / len(negative)])
+    greater = (positive.double()[:, None] > negative.double()[None]).double()
+    ties = (positive.double()[:, None] == negative.double()[None]).double()
+    auc = (greater + 0.5 * ties).mean().item()
+    return fpr, tpr, auc
+
+
+# ---------------------------------------------------------------------------
+# 10. A mixture of Bernoullis: a discrete-latent baseline
+# ---------------------------------------------------------------------------
+
+def bernoulli_mixture_log_px(x: torch.Tensor, log_weights_k: torch.Tensor,
+                             logits: torch.Tensor) -> torch.Tensor:
+    """Exact log p(x) under a mixture of K product-Bernoulli components
+    (04).
+
+    ``log p(x) = logsumexp_k [log pi_k + log p(x | k)]``: the latent is
+    discrete, so the sum over it is exact, with the same logsumexp.
+
+    Args:
+        x: (N, D) binary images.
+        log_weights_k: (K,) log mixing weights.
+        logits: (K, D) pixel logits of each component.
+    """
+    lj = x @ logits.T + (log_p_x_given_zero(logits) + log_weights_k)
+    return logsumexp(lj, dim=1)                                  # (N,)
+
+
+def fit_bernoulli_mixture(x: torch.Tensor, n_components: int,
+                          n_iter: int = 50, pseudo_count: float = 1.0,
+                          generator: torch.Generator | None = None):
+    """Fit a mixture of Bernoullis by expectation-maximisation (04).
+
+    Each iteration cannot lower the (penalised) log-likelihood of ``x``.
+    ``pseudo_count`` adds that many imaginary 0s and 1s to every pixel of
+    every component (a Beta prior), so no probability becomes exactly 0
+    or 1 and a test image is never impossible.
+
+    Returns:
+        ``(log_weights_k (K,), logits (K, D), history)``; the history holds
+        the objective EM increases, the training log-likelihood plus the
+        log prior of the pixel probabilities, per image, at each iteration.
+    """
+    _whole("N_COMPONENTS", n_components, 1, len(x))
+    start = torch.randperm(len(x), generator=generator)[:n_components]
+    probs = 0.5 * x[start] + 0.25                               # (K, D)
+    log_pi = torch.full((n_components,), -math.log(n_components))
+    history = []
+    for _ in range(n_iter):
+        logits = torch.log(probs) - torch.log1p(-probs)
+        lj = x @ logits.T + (log_p_x_given_zero(logits) + log_pi)  # (N, K)
+        ll = logsumexp(lj, dim=1)                                  # (N,)
+        log_prior_probs = pseudo_count * (torch.log(probs)
+                                          + torch.log1p(-probs)).sum()
+        history.append((ll.double().sum() + log_prior_probs).item()
+                       / len(x))
+        resp = torch.exp(lj - ll[:, None])                         # (N, K)
+        nk = resp.sum(0)                                           # (K,)
+        probs = (resp.T @ x + pseudo_count) / (nk[:, None] + 2 * pseudo_count)
+        log_pi = torch.log(nk / len(x)).clamp(min=-1e4)
+    logits = torch.log(probs) - torch.log1p(-probs)
+    return log_pi, logits, history
+
+
+# ---------------------------------------------------------------------------
+# 11. Posteriors, halves of images and stochastic variational inference
+# ---------------------------------------------------------------------------
+
+TOP_HALF = torch.arange(784) < 14 * 28
+"""Boolean mask of the top 14 rows of a 28 x 28 image, flattened (07)."""
+
+
+def top_half(x: torch.Tensor) -> torch.Tensor:
+    """The top 14 rows of images or Bernoulli means, (..., 14, 28) (07)."""
+    imgs = x if x.shape[-2:] == (28, 28) else to_image(x)
+    return imgs[..., :14, :]
+
+
+def kl_q_posterior_grid(model: VAE, x: torch.Tensor, mu: torch.Tensor,
+                        logvar: torch.Tensor, log_px: float, n: int = 201,
+                        width: float = 7.0,
+                        mask: torch.Tensor | None = None) -> float:
+    """KL(q || p(z|x)) for a Gaussian q, integrated on a grid (07).
+
+    ``sum_g q(z_g) [log q(z_g) - log p(z_g|x)] dz^2`` on an n x n window
+    spanning ``width`` of q's standard deviations either side of its mean,
+    where q has essentially all its mass. ``log p(z|x) = log p(x|z) +
+    log p(z) - log p(x)`` with ``log_px`` from the global grid.
+    """
+    sd = torch.exp(0.5 * logvar)
+    a0 = torch.linspace(-width, width, n) * sd[0] + mu[0]
+    a1 = torch.linspace(-width, width, n) * sd[1] + mu[1]
+    z = torch.cartesian_prod(a0, a1)                            # (n*n, 2)
+    with torch.no_grad():
+        log_post = (log_likelihood(model, x, z, mask) + log_prior(z)
+                    ).double() - log_px
+        log_qz = gaussian_log_pdf(z.double(), mu.double(), logvar.double())
+    cell = float((a0[1] - a0[0]) * (a1[1] - a1[0]))
+    return float((log_qz.exp() * (log_qz - log_post)).sum() * cell)
+
+
+def vae_log_joint(model: VAE, x: torch.Tensor,
+                  mask: torch.Tensor | None = None):
+    """The function ``z -> log p(x|z) + log p(z)`` for a batch of images
+    (07). ``z`` has shape (K, B, Dz); the result (K, B)."""
+    def log_joint(z):
+        return log_likelihood(model, x, z, mask) + log_prior(z)
+    return log_joint
+
+
+def svi(log_joint, mu0: torch.Tensor, logvar0: torch.Tensor,
+        n_steps: int = 500, n_samples: int = 16, lr: float = 0.05,
+        generator: torch.Generator | None = None):
+    """Fit Gaussians q_i(z) = N(mu_i, diag exp(logvar_i)) to a batch of
+    posteriors by stochastic variational inference (07).
+
+    Maximises each ELBO, ``E_q[log_joint(z) - log q_i(z)]``, estimated with
+    ``n_samples`` reparameterised samples, with Adam. All members of the
+    batch are optimised at once: their ELBOs are independent, so the
+    gradient of their sum is each one's own gradient.
+
+    Args:
+        log_joint: maps z of shape (K, B, Dz) to (K, B), for example
+            :func:`vae_log_joint`; gradients flow through z only.
+        mu0, logvar0: starting points, (B, Dz).
+    Returns:
+        ``(mu, logvar, history)``; history holds the mean ELBO over the
+        batch at every step.
+    """
+    _whole("SVI steps", n_steps, 1)
+    mu = mu0.detach().clone().requires_grad_(True)
+    logvar = logvar0.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([mu, logvar], lr=lr)
+    history = []
+    for _ in range(n_steps):
+        z = gaussian_sample(mu, logvar, n_samples, generator)   # (K, B, Dz)
+        value = (log_joint(z) - log_q(z, mu, logvar)).mean(0)   # (B,)
+        opt.zero_grad()
+        (-value.sum()).backward()
+        opt.step()
+        history.append(value.mean().item())
+    return mu.detach(), logvar.detach(), history
+
+
+def gaussian_elbo(log_joint, mu: torch.Tensor, logvar: torch.Tensor,
+                  n_samples: int = 1000,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """ELBO of given Gaussians q_i, estimated with K samples each (07).
+
+    The same estimator as :func:`elbo`, for a q that is not the encoder's
+    (SVI's, or one matched to the true posterior). Returns (B,) float64.
+    """
+    with torch.no_grad():
+        z = gaussian_sample(mu, logvar, n_samples, generator)   # (K, B, Dz)
+        w = log_joint(z) - log_q(z, mu, logvar)
+    return w.double().mean(0)
+
+
+# ---------------------------------------------------------------------------
+# 12. Gradient estimators
+# ---------------------------------------------------------------------------
+
+def elbo_integrand(model: VAE, x: torch.Tensor):
+    """The function ``f(z, mu, logvar) = log p(x|z) + log p(z) - log q(z)``
+    whose expectation under q is the ELBO of each image (08).
+
+    ``z`` has shape (..., M, Dz) and the result (..., M); ``mu`` and
+    ``logvar`` are q's parameters, which f depends on directly through
+    ``log q``.
+    """
+    def f(z, mu, logvar):
+        return (log_likelihood(model, x, z) + log_prior(z)
+                - log_q(z, mu, logvar))
+    return f
+
+
+def _repeat(param: torch.Tensor, n_reps: int) -> torch.Tensor:
+    return param.detach().expand(n_reps, *param.shape).clone() \
+        .requires_grad_(True)
+
+
+def reparam_gradient(f, mu: torch.Tensor, logvar: torch.Tensor,
+                     n_samples: int = 1, n_reps: int = 1,
+                     generator: torch.Generator | None = None,
+                     reps_per_step: int = 100):
+    """Reparameterisation estimates of the gradient of ``mean_i E_q[f]``
+    with respect to mu and logvar, repeated independently (08).
+
+    ``z = mu + sigma * eps`` keeps a differentiable path from the
+    parameters to every sample, so autograd differentiates f through z (and
+    through its direct dependence on the parameters). Each repetition uses
+    fresh noise; all repetitions run as one batch per step.
+
+    Args:
+        f: integrand, ``f(z, mu, logvar)`` -> (..., M).
+        mu, logvar: q's parameters, (M, Dz).
+        n_samples: K samples per member of the batch.
+        n_reps: R independent estimates.
+    Returns:
+        ``(grad_mu, grad_logvar)``, each (R, M, Dz).
+    """
+    out_mu, out_lv = [], []
+    for r in torch.arange(n_reps).split(reps_per_step):
+        mu_r, lv_r = _repeat(mu, len(r)), _repeat(logvar, len(r))
+        z = gaussian_sample(mu_r, lv_r, n_samples, generator)  # (K,R,M,Dz)
+        objective = f(z, mu_r, lv_r).mean(0).mean(-1).sum()
+        g_mu, g_lv = torch.autograd.grad(objective, [mu_r, lv_r])
+        out_mu.append(g_mu)
+        out_lv.append(g_lv)
+    return torch.cat(out_mu), torch.cat(out_lv)
+
+
+def score_function_gradient(f, mu: torch.Tensor, logvar: torch.Tensor,
+                            n_samples: int = 1, n_reps: int = 1,
+                            baseline: str | None = None,
+                            n_baseline: int = 16,
+                            generator: torch.Generator | None = None,
+                            reps_per_step: int = 100):
+    """Score-function (REINFORCE) estimates of the same gradient (08).
+
+    ``grad E_q[f] ~ 1/K sum_k (f(z_k) - b) grad log q(z_k)`` with z drawn
+    without a gradient path and f treated as a constant: gradients flow
+    only through ``log q``. (f's own dependence on the parameters adds
+    ``E_q[grad f] = -E_q[grad log q] = 0``, so leaving it out keeps the
+    estimator unbiased.) The baseline b must not depend on z_k:
+
+    - None: b = 0;
+    - "batch": for each sample, the mean of f over all *other* samples of
+      the repetition (all images), a leave-one-out average;
+    - "image": for each image, the mean of f over ``n_baseline`` extra
+      samples drawn independently, an estimate of that image's E_q[f].
+
+    Returns:
+        ``(grad_mu, grad_logvar)``, each (R, M, Dz).
+    """
+    if baseline not in (None, "batch", "image"):
+        raise ValueError(f"baseline must be None, 'batch' or 'image', got "
+                         f"{baseline!r}")
+    out_mu, out_lv = [], []
+    for r in torch.arange(n_reps).split(reps_per_step):
+        mu_r, lv_r = _repeat(mu, len(r)), _repeat(logvar, len(r))
+        with torch.no_grad():
+            z = gaussian_sample(mu_r, lv_r, n_samples, generator)  # (K,R,M,D)
+            value = f(z, mu_r, lv_r)                               # (K, R, M)
+            if baseline == "batch":
+                n = value.shape[0] * value.shape[2]
+                total = value.sum(dim=(0, 2), keepdim=True)
+                b = (total - value) / (n - 1)
+            elif baseline == "image":
+                extra = gaussian_sample(mu_r, lv_r, n_baseline, generator)
+                b = f(extra, mu_r, lv_r).mean(0, keepdim=True)     # (1, R, M)
+            else:
+                b = torch.zeros_like(value)
+        weight = value - b
+        objective = (weight * log_q(z, mu_r, lv_r)).mean(0).mean(-1).sum()
+        g_mu, g_lv = torch.autograd.grad(objective, [mu_r, lv_r])
+        out_mu.append(g_mu)
+        out_lv.append(g_lv)
+    return torch.cat(out_mu), torch.cat(out_lv)
+
+
+def grid_elbo_gradient(model: VAE, x: torch.Tensor, mu: torch.Tensor,
+                       logvar: torch.Tensor, n: int = 101,
+                       width: float = 6.0):
+    """The exact gradient of one image's ELBO with respect to q's
+    parameters, by integrating on a grid (08).
+
+    ``ELBO(mu, logvar) = integral q(z) [log p(x, z) - log q(z)] dz`` on a
+    fixed n x n window spanning ``width`` of q's standard deviations around
+    its mean; autograd differentiates the sum through q's density only,
+    since the grid does not move. A reference for both estimators.
+
+    Returns:
+        ``(grad_mu, grad_logvar)``, each (Dz,), float64.
+    """
+    sd = torch.exp(0.5 * logvar.detach())
+    a0 = torch.linspace(-width, width, n) * sd[0] + mu[0].detach()
+    a1 = torch.linspace(-width, width, n) * sd[1] + mu[1].detach()
+    z = torch.cartesian_prod(a0, a1).double()                   # (n*n, 2)
+    with torch.no_grad():
+        log_joint = (log_likelihood(model, x, z.float())
+                     + log_prior(z.float())).double()
+    mu_d = mu.detach().double().requires_grad_(True)
+    lv_d = logvar.detach().double().requires_grad_(True)
+    log_qz = gaussian_log_pdf(z, mu_d, lv_d)
+    cell = float((a0[1] - a0[0]) * (a1[1] - a1[0]))
+    value = (log_qz.exp() * (log_joint - log_qz)).sum() * cell
+    g_mu, g_lv = torch.autograd.grad(value, [mu_d, lv_d])
+    return g_mu, g_lv

@@ -134,6 +134,57 @@ def run_one(path: Path, target: Path, parameters: dict) -> None:
                         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
+RESULTS = [  # (metrics key, what it is, format)
+    ("train_elbo", "train ELBO, K = 100 (03)", "{:.2f}"),
+    ("test_elbo", "test ELBO, K = 100 (03)", "{:.2f}"),
+    ("train_log_px_quadrature", "train log p(x), quadrature (04)", "{:.2f}"),
+    ("test_log_px_quadrature", "test log p(x), quadrature (04)", "{:.2f}"),
+    ("test_log_px_prior_mc", "test log p(x), prior Monte Carlo (04)",
+     "{:.2f}"),
+    ("quadrature_prior_mc_mean_abs_diff",
+     "mean abs. difference quadrature vs prior MC (04)", "{:.3f}"),
+    ("test_log_px_iwae", "test IWAE bound, K = 100 (04)", "{:.2f}"),
+    ("mixture_test_log_px", "test log p(x), Bernoulli mixture (04)",
+     "{:.2f}"),
+    ("frankenstein_auc", "AUC, natural vs spliced digits (04)", "{:.3f}"),
+    ("approximation_gap", "approximation gap, 300 test images (07)",
+     "{:.2f}"),
+    ("amortization_gap", "amortisation gap, 300 test images (07)",
+     "{:.2f}"),
+    ("grad_variance_ratio_sf",
+     "gradient variance, score function / reparam. (08)", "{:,.0f}"),
+    ("grad_variance_ratio_sf_baseline",
+     "same, score function with per-image baseline (08)", "{:.1f}"),
+    ("train_speedup_vs_dataloader",
+     "training speed-up over a DataLoader loop (bench)", "{:.2f}x"),
+    ("train_time_over_matmul_bound",
+     "training time / its matrix products alone (bench)", "{:.2f}x"),
+]
+
+
+def results_markdown(metrics: dict) -> str:
+    """The README's results table, from the metrics record."""
+    lines = ["| result | value |", "|---|---|"]
+    for key, label, fmt in RESULTS:
+        if key in metrics:
+            lines.append(f"| {label} | {fmt.format(metrics[key])} |")
+    return "\n".join(lines)
+
+
+def update_readme(metrics_path: Path) -> None:
+    """Rewrite the table between the results markers of README.md."""
+    readme = hp.ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    metrics = json.loads(metrics_path.read_text())
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    table = results_markdown(metrics)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = select(args.only)
@@ -169,7 +220,7 @@ def main(argv=None) -> int:
                 strip_run_metadata(target)
                 os.replace(target, path)
         except pm.PapermillExecutionError as err:
-            print("failed")
+            print("failed", flush=True)
             first = (err.source.strip().splitlines() or [""])[0][:60]
             print(f"error: {path.stem} stopped in cell {err.exec_count} "
                   f"({first}) with {err.ename}: {err.evalue}",
@@ -183,6 +234,17 @@ def main(argv=None) -> int:
                 target.unlink()
         print(f"{time.perf_counter() - start:.1f} s", flush=True)
     print(f"Done in {time.perf_counter() - total:.1f} s.")
+    import report
+
+    if args.refresh:
+        update_readme(hp.output_paths("").metrics)
+        print("README.md results table updated from data/metrics.json.")
+        index = report.render(hp.NOTEBOOKS_DIR, hp.ROOT / "build" / "html",
+                              hp.output_paths("").metrics)
+    else:
+        index = report.render(out / "notebooks", out / "html",
+                              out / "metrics.json")
+    print(f"HTML report: {index}")
     return 0
 
 

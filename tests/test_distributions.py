@@ -145,3 +145,24 @@ def test_to_image_and_tiling():
     np.testing.assert_array_equal(grid[2:30, 32:60], img[1].numpy())
     with pytest.raises(ValueError, match="784"):
         hp.to_image(torch.zeros(5, 100))
+
+
+def test_interpolation_runs_from_a_to_b_along_a_line():
+    za, zb = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0])
+    path = hp.interpolate(za, zb, 5)
+    assert path.shape == (5, 2)
+    assert torch.equal(path[0], za) and torch.equal(path[-1], zb)
+    steps = path.diff(dim=0)
+    torch.testing.assert_close(steps, (zb - za).expand(4, 2) / 4)
+    with pytest.raises(ValueError, match="two vectors"):
+        hp.interpolate(za, torch.zeros(3))
+
+
+def test_tiling_matches_torchvision_make_grid():
+    from torchvision.utils import make_grid
+
+    x = torch.rand(7, 784, generator=gen())
+    ref = make_grid(x.reshape(7, 1, 28, 28), nrow=3, padding=1,
+                    pad_value=0.5)[0].numpy()
+    np.testing.assert_array_equal(hp.tile_images(x, 3, pad=1,
+                                                 pad_value=0.5), ref)

@@ -191,3 +191,55 @@ def test_the_committed_checkpoint_matches_the_model_code():
     recorded = ckpt["history"]["test_elbo"][-1]
     assert abs(value - recorded) < 0.5
     assert ckpt["results"]["test_elbo"] < ckpt["results"]["test_iwae"]
+
+
+def test_top_half_and_masked_likelihood():
+    x = torch.arange(784.0)
+    assert torch.equal(hp.top_half(x), x.reshape(28, 28)[:14])
+    assert int(hp.TOP_HALF.sum()) == 392
+    model = hp.VAE(init_std=0.3)
+    xb = (torch.rand(3, 784, generator=hp.make_generator(8)) < 0.2).float()
+    z = torch.randn(5, 3, 2, generator=hp.make_generator(9))
+    everything = torch.ones(784, dtype=torch.bool)
+    with torch.no_grad():
+        full = hp.log_likelihood(model, xb, z)
+        torch.testing.assert_close(
+            hp.log_likelihood(model, xb, z, everything), full)
+        top = hp.log_likelihood(model, xb, z, hp.TOP_HALF)
+        bottom = hp.log_likelihood(model, xb, z, ~hp.TOP_HALF)
+    torch.testing.assert_close(top + bottom, full)   # pixels independent
+
+
+def test_svi_recovers_a_conjugate_gaussian_posterior():
+    # y_i ~ N(z_i, s^2 I), z_i ~ N(0, I): p(z|y) = N(y / (1 + s^2),
+    # s^2 / (1 + s^2)), which the Gaussian family contains exactly
+    s2 = 0.25
+    y = torch.tensor([[0.5, -1.0], [2.0, 0.3], [-3.0, 1.5]])
+    noise = torch.full((2,), math.log(s2))
+
+    def log_joint(z):
+        return hp.gaussian_log_pdf(y, z, noise) + hp.log_prior(z)
+
+    mu, logvar, hist = hp.svi(log_joint, torch.zeros(3, 2),
+                              torch.zeros(3, 2), n_steps=1500,
+                              n_samples=32, lr=0.03,
+                              generator=hp.make_generator(10))
+    torch.testing.assert_close(mu, y / (1 + s2), atol=0.03, rtol=0)
+    torch.testing.assert_close(logvar.exp(),
+                               torch.full((3, 2), s2 / (1 + s2)),
+                               atol=0.02, rtol=0)
+    assert hist[-1] > hist[0]
+
+
+def test_kl_on_the_grid_equals_log_px_minus_elbo():
+    data = hp.load_mnist(n_train=1, n_test=1, verbose=False)
+    torch.manual_seed(1)
+    model = hp.VAE(init_std=0.3)
+    x = data.x_test[0]
+    log_px = hp.log_px_quadrature(model, x[None])[0].item()
+    mu, logvar = torch.tensor([0.2, -0.1]), torch.tensor([-1.0, -0.5])
+    kl = hp.kl_q_posterior_grid(model, x, mu, logvar, log_px)
+    elbo = hp.gaussian_elbo(hp.vae_log_joint(model, x[None]), mu[None],
+                            logvar[None], 200_000, hp.make_generator(11))
+    assert kl > 0
+    assert abs((log_px - elbo.item()) - kl) < 0.02

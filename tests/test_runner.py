@@ -43,7 +43,7 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch,
     assert run_series.main(["--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert ("99_broken stopped in cell 4 (raise ValueError('boom')) with "
-            "ValueError: boom") in err  # cell 3 follows papermill's cell
+            "ValueError: boom") in err  # papermill's injected cell is 2
     assert (tmp_path / "out" / "notebooks" / "99_broken.ipynb").exists()
 
 

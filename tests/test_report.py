@@ -1,0 +1,76 @@
+"""The committed notebooks as a report: clean, run top to bottom, and in
+agreement with data/metrics.json."""
+
+import json
+import re
+
+import pytest
+
+import helpers as hp
+
+NOTEBOOKS = sorted(hp.NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))
+LOCAL_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|[A-Z]:\\\\Users)")
+
+
+def outputs_text(nb: dict) -> str:
+    parts = []
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            parts.append("".join(out.get("text", "")))
+            for key in ("text/plain", "text/markdown"):
+                parts.append("".join(out.get("data", {}).get(key, "")))
+    return "\n".join(parts)
+
+
+def test_all_eight_notebooks_are_there():
+    assert [p.name[:2] for p in NOTEBOOKS] == [f"{i:02d}" for i in
+                                               range(1, 9)]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_clean(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), \
+        "not one top-to-bottom run from a fresh kernel"
+    assert sum("parameters" in c["metadata"].get("tags", [])
+               for c in code) == 1
+    assert "widgets" not in nb["metadata"]
+    assert "papermill" not in nb["metadata"]
+    for cell in code:
+        for out in cell["outputs"]:
+            assert out["output_type"] != "error"
+            assert out.get("name") != "stderr", \
+                f"stderr output (a warning?): {''.join(out['text'])[:200]}"
+    text = outputs_text(nb)
+    assert not LOCAL_PATH.search(text), "a local path in the outputs"
+    assert "pip install" not in text
+
+
+# which notebook writes each headline number, and how it prints it
+OWNERS = {
+    "train_elbo": ("03", "{:.2f}"), "test_elbo": ("03", "{:.2f}"),
+    "train_log_px_quadrature": ("04", "{:.4f}"),
+    "test_log_px_quadrature": ("04", "{:.4f}"),
+    "test_log_px_prior_mc": ("04", "{:.4f}"),
+    "quadrature_prior_mc_mean_abs_diff": ("04", "{:.4f}"),
+    "test_log_px_iwae": ("04", "{:.4f}"),
+    "mixture_test_log_px": ("04", "{:.4f}"),
+    "frankenstein_auc": ("04", "{:.4f}"),
+    "approximation_gap": ("07", "{:.2f}"),
+    "amortization_gap": ("07", "{:.2f}"),
+    "grad_variance_ratio_sf": ("08", "{:,.0f}"),
+    "grad_variance_ratio_sf_baseline": ("08", "{:.1f}"),
+}
+
+
+def test_metrics_file_agrees_with_the_notebooks():
+    metrics = json.loads((hp.DATA_DIR / "metrics.json").read_text())
+    texts = {p.name[:2]: outputs_text(json.loads(p.read_text()))
+             for p in NOTEBOOKS}
+    for key, (owner, fmt) in OWNERS.items():
+        assert key in metrics, f"{key} missing from data/metrics.json"
+        shown = fmt.format(metrics[key])
+        assert shown in texts[owner], \
+            f"{key} = {shown} is not what notebook {owner} printed"
