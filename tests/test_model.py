@@ -220,11 +220,14 @@ def test_svi_recovers_a_conjugate_gaussian_posterior():
     def log_joint(z):
         return hp.gaussian_log_pdf(y, z, noise) + hp.log_prior(z)
 
+    g = hp.make_generator(10)
     mu, logvar, hist = hp.svi(log_joint, torch.zeros(3, 2),
                               torch.zeros(3, 2), n_steps=1500,
-                              n_samples=32, lr=0.03,
-                              generator=hp.make_generator(10))
-    torch.testing.assert_close(mu, y / (1 + s2), atol=0.03, rtol=0)
+                              n_samples=32, lr=0.03, generator=g)
+    # a second stage with a smaller step lets Adam's noise settle
+    mu, logvar, _ = hp.svi(log_joint, mu, logvar, n_steps=1000,
+                           n_samples=32, lr=0.003, generator=g)
+    torch.testing.assert_close(mu, y / (1 + s2), atol=0.02, rtol=0)
     torch.testing.assert_close(logvar.exp(),
                                torch.full((3, 2), s2 / (1 + s2)),
                                atol=0.02, rtol=0)
@@ -236,10 +239,16 @@ def test_kl_on_the_grid_equals_log_px_minus_elbo():
     torch.manual_seed(1)
     model = hp.VAE(init_std=0.3)
     x = data.x_test[0]
-    log_px = hp.log_px_quadrature(model, x[None])[0].item()
-    mu, logvar = torch.tensor([0.2, -0.1]), torch.tensor([-1.0, -0.5])
-    kl = hp.kl_q_posterior_grid(model, x, mu, logvar, log_px)
-    elbo = hp.gaussian_elbo(hp.vae_log_joint(model, x[None]), mu[None],
-                            logvar[None], 200_000, hp.make_generator(11))
+    log_px, mean, cov = hp.posterior_moments(model, x[None])
+    # a Gaussian near the posterior, so that the Monte Carlo check is sharp
+    mu = mean[0].float() + 0.1
+    logvar = torch.log(cov[0].diagonal()).float()
+    kl = hp.kl_q_posterior_grid(model, x, mu, logvar, log_px[0].item())
+    with torch.no_grad():
+        z = hp.gaussian_sample(mu, logvar, 200_000, hp.make_generator(11))
+        w = (hp.vae_log_joint(model, x)(z) - hp.log_q(z, mu, logvar))
+    w = w.double()
+    gap = log_px[0].item() - w.mean().item()
+    se = w.std().item() / math.sqrt(len(w))
     assert kl > 0
-    assert abs((log_px - elbo.item()) - kl) < 0.02
+    assert abs(gap - kl) < 4 * se + 1e-3
