@@ -32,6 +32,13 @@ def title_and_blurb(nb) -> tuple[str, str]:
     return title, blurb
 
 
+def first_sentences(text: str, limit: int = 320) -> str:
+    """Whole sentences from the start of ``text``, at most ``limit`` long."""
+    cut = text[:limit]
+    end = cut.rfind(". ")
+    return cut[:end + 1] if end > 0 else cut
+
+
 def render(notebooks: Path, out: Path, metrics_path: Path) -> Path:
     import jupyter_server_mathjax
     import nbformat
@@ -54,7 +61,7 @@ def render(notebooks: Path, out: Path, metrics_path: Path) -> Path:
         page = path.stem + ".html"
         (out / page).write_text(body, encoding="utf-8")
         rows.append(f'<li><a href="{page}">{html.escape(title)}</a>: '
-                    f"{html.escape(blurb[:300])}</li>")
+                    f"{html.escape(first_sentences(blurb))}</li>")
     metrics = json.loads(metrics_path.read_text()) \
         if metrics_path.exists() else {}
     from run_series import RESULTS
@@ -65,6 +72,11 @@ def render(notebooks: Path, out: Path, metrics_path: Path) -> Path:
     index = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>The VAE notebook series</title>
+<script type="text/x-mathjax-config">
+MathJax.Hub.Config({{tex2jax: {{inlineMath: [['$', '$']],
+                               processEscapes: true}}}});
+</script>
+<script src="{MATHJAX}"></script>
 <style>
 body {{ font-family: sans-serif; max-width: 52em; margin: 2em auto;
        line-height: 1.5; padding: 0 1em; }}
