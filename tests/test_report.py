@@ -74,3 +74,19 @@ def test_metrics_file_agrees_with_the_notebooks():
         shown = fmt.format(metrics[key])
         assert shown in texts[owner], \
             f"{key} = {shown} is not what notebook {owner} printed"
+
+
+def test_html_report_renders_offline(tmp_path):
+    import report
+
+    index = report.render(hp.NOTEBOOKS_DIR, tmp_path,
+                          hp.DATA_DIR / "metrics.json")
+    pages = sorted(p.name for p in tmp_path.glob("0*.html"))
+    assert len(pages) == 8
+    assert (tmp_path / "mathjax" / "MathJax.js").is_file()
+    for page in [index, *(tmp_path / p for p in pages)]:
+        text = page.read_text()
+        loads = re.findall(r'<script[^>]*src="([^"]*)"', text)
+        assert loads and all(not s.startswith(("http", "//"))
+                             for s in loads), loads
+    assert "Headline results" in index.read_text()
