@@ -4,12 +4,18 @@ Every notebook imports this file by name (``import helpers as hp``) and shows
 the source of the helpers it introduces; the docstring of each public helper
 names that notebook. Sections, in the order the series meets them:
 
-1. paths, outputs and errors        (01)
-2. seeding and devices              (01)
-3. MNIST: download, fallback, load  (01)
-4. hand-written distributions       (01)
-5. images and figures               (01)
-6. the headline-number record       (03)
+1. paths, outputs and errors               (01)
+2. seeding and devices                     (01)
+3. MNIST: download, fallback, load         (01)
+4. hand-written distributions, checks      (01)
+5. images and figures                      (01, 05, 06)
+6. the headline-number record              (03)
+7. the model and the ELBO                  (02, 03)
+8. training and checkpoints                (03)
+9. integrating over the 2-D latent space   (04)
+10. a mixture of Bernoullis                (04)
+11. posteriors, halves of images, SVI      (07)
+12. gradient estimators                    (08)
 
 Nothing here uses ``torch.distributions`` or ``scipy.stats``: those appear
 only as references in the checks and tests.
@@ -30,6 +36,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,11 +383,6 @@ class MNISTData:
     y_test: torch.Tensor
     raw_train: torch.Tensor
     raw_test: torch.Tensor
-
-    def to(self, device) -> "MNISTData":
-        """Move the binarised images and labels to ``device``."""
-        moved = {k: v.to(device) for k, v in vars(self).items()}
-        return MNISTData(**moved)
 
 
 def load_mnist(n_train: int = 10_000, n_test: int = 10_000,
@@ -1074,8 +1076,6 @@ def train_vae(config: VAEConfig, data: MNISTData,
     IWAE with K = ``final_samples`` per image (100). Nothing is written to
     disk here.
     """
-    import time
-
     if len(data.x_train) < config.n_train:
         raise ConfigError(f"N_TRAIN={config.n_train} but only "
                           f"{len(data.x_train)} training images were loaded;"
