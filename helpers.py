@@ -1395,9 +1395,7 @@ def posterior_density_window(model: VAE, x: torch.Tensor, log_px: float,
     axis0, axis1 = c[0] + offsets, c[1] + offsets
     z = torch.cartesian_prod(axis0, axis1)                      # (n*n, 2)
     with torch.no_grad():
-        logits = model.decode(z)
-        xs, lg = (x, logits) if mask is None else (x[mask], logits[:, mask])
-        lj = bernoulli_log_pdf(xs, lg) + log_prior(z)           # (n*n,)
+        lj = log_likelihood(model, x, z, mask) + log_prior(z)   # (n*n,)
     return axis0, axis1, torch.exp(lj.double() - log_px).reshape(n, n)
 
 
@@ -1419,10 +1417,8 @@ def posterior_box(model: VAE, x: torch.Tensor, log_px: float,
     several pieces (04). Returns ``(low (2,), high (2,))``."""
     z = grid_points(lim, spacing)
     with torch.no_grad():
-        logits = model.decode(z)
-        xs, lg = (x, logits) if mask is None else (x[mask], logits[:, mask])
-        w = torch.exp((bernoulli_log_pdf(xs, lg) + log_prior(z)).double()
-                      - log_px) * spacing ** 2                   # (G,)
+        lj = log_likelihood(model, x, z, mask) + log_prior(z)   # (G,)
+    w = torch.exp(lj.double() - log_px) * spacing ** 2
     order = w.argsort(descending=True)
     keep = order[:int((w[order].cumsum(0) < mass).sum()) + 1]
     return z[keep].amin(0) - spacing, z[keep].amax(0) + spacing
@@ -1561,6 +1557,17 @@ def top_half(x: torch.Tensor) -> torch.Tensor:
     return imgs[..., :14, :]
 
 
+def _q_window(mu: torch.Tensor, logvar: torch.Tensor, n: int,
+              width: float):
+    """An n x n grid spanning ``width`` of q's standard deviations either
+    side of its mean, as (n*n, 2) points, and the area of one cell."""
+    mu, sd = mu.detach(), torch.exp(0.5 * logvar.detach())
+    a0 = torch.linspace(-width, width, n) * sd[0] + mu[0]
+    a1 = torch.linspace(-width, width, n) * sd[1] + mu[1]
+    cell = float((a0[1] - a0[0]) * (a1[1] - a1[0]))
+    return torch.cartesian_prod(a0, a1), cell
+
+
 def kl_q_posterior_grid(model: VAE, x: torch.Tensor, mu: torch.Tensor,
                         logvar: torch.Tensor, log_px: float, n: int = 201,
                         width: float = 7.0,
@@ -1572,15 +1579,11 @@ def kl_q_posterior_grid(model: VAE, x: torch.Tensor, mu: torch.Tensor,
     where q has essentially all its mass. ``log p(z|x) = log p(x|z) +
     log p(z) - log p(x)`` with ``log_px`` from the global grid.
     """
-    sd = torch.exp(0.5 * logvar)
-    a0 = torch.linspace(-width, width, n) * sd[0] + mu[0]
-    a1 = torch.linspace(-width, width, n) * sd[1] + mu[1]
-    z = torch.cartesian_prod(a0, a1)                            # (n*n, 2)
+    z, cell = _q_window(mu, logvar, n, width)                   # (n*n, 2)
     with torch.no_grad():
         log_post = (log_likelihood(model, x, z, mask) + log_prior(z)
                     ).double() - log_px
         log_qz = gaussian_log_pdf(z.double(), mu.double(), logvar.double())
-    cell = float((a0[1] - a0[0]) * (a1[1] - a1[0]))
     return float((log_qz.exp() * (log_qz - log_post)).sum() * cell)
 
 
@@ -1653,9 +1656,10 @@ def elbo_integrand(model: VAE, x: torch.Tensor):
     ``logvar`` are q's parameters, which f depends on directly through
     ``log q``.
     """
+    log_joint = vae_log_joint(model, x)
+
     def f(z, mu, logvar):
-        return (log_likelihood(model, x, z) + log_prior(z)
-                - log_q(z, mu, logvar))
+        return log_joint(z) - log_q(z, mu, logvar)
     return f
 
 
@@ -1758,17 +1762,13 @@ def grid_elbo_gradient(model: VAE, x: torch.Tensor, mu: torch.Tensor,
     Returns:
         ``(grad_mu, grad_logvar)``, each (Dz,), float64.
     """
-    sd = torch.exp(0.5 * logvar.detach())
-    a0 = torch.linspace(-width, width, n) * sd[0] + mu[0].detach()
-    a1 = torch.linspace(-width, width, n) * sd[1] + mu[1].detach()
-    z = torch.cartesian_prod(a0, a1).double()                   # (n*n, 2)
+    z, cell = _q_window(mu, logvar, n, width)                   # (n*n, 2)
     with torch.no_grad():
-        log_joint = (log_likelihood(model, x, z.float())
-                     + log_prior(z.float())).double()
+        log_joint = (log_likelihood(model, x, z) + log_prior(z)).double()
+    z = z.double()
     mu_d = mu.detach().double().requires_grad_(True)
     lv_d = logvar.detach().double().requires_grad_(True)
     log_qz = gaussian_log_pdf(z, mu_d, lv_d)
-    cell = float((a0[1] - a0[0]) * (a1[1] - a1[0]))
     value = (log_qz.exp() * (log_joint - log_qz)).sum() * cell
     g_mu, g_lv = torch.autograd.grad(value, [mu_d, lv_d])
     return g_mu, g_lv
