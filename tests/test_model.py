@@ -84,25 +84,58 @@ def test_one_adam_step_improves_the_elbo_on_a_fixed_batch():
     def fixed_elbo():  # common random numbers: the same noise each time
         return hp.elbo(model, data.x_train, 20, hp.make_generator(5))
 
-    before = fixed_elbo()
-    opt.zero_grad()
-    (-hp.elbo(model, data.x_train, 1, hp.make_generator(6))).backward()
-    opt.step()
+    with torch.no_grad():
+        before = fixed_elbo()
+    hp.elbo_gradient(model, data.x_train, hp.make_generator(6))
+    opt.step()                                   # the step training takes
     with torch.no_grad():
         after = fixed_elbo()
     assert after.item() > before.item() + 0.05
 
 
+@pytest.mark.parametrize("latent_dim,hidden_dim,batch,init_std", [
+    (2, 500, 100, 0.01), (2, 7, 13, 0.5), (3, 11, 1, 1.0), (1, 4, 6, 2.0)])
+def test_the_hand_written_gradient_is_autograds(latent_dim, hidden_dim,
+                                                batch, init_std):
+    """elbo_gradient gives elbo()'s value, sample and gradient (in float64,
+    where the two orders of rounding agree to about 1e-12)."""
+    torch.manual_seed(latent_dim + hidden_dim)
+    model = hp.VAE(latent_dim, hidden_dim, init_std).double()
+    with torch.no_grad():    # biases away from zero, so they are tested too
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = (torch.rand(batch, 784, generator=hp.make_generator(12))
+         < 0.3).double()
+    reference = hp.elbo(model, x, 1, hp.make_generator(13))
+    (-reference).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():      # stale values must be overwritten
+        p.grad.fill_(float("nan"))
+    value = hp.elbo_gradient(model, x, hp.make_generator(13))
+    assert not value.requires_grad
+    torch.testing.assert_close(value, reference.detach(), rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
+                                   atol=1e-12, msg=name)
+    model.zero_grad(set_to_none=True)  # and missing ones are created
+    hp.elbo_gradient(model, x, hp.make_generator(13))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
+                                   atol=1e-12, msg=name)
+
+
 def test_five_epochs_on_1000_images_learn_a_lot():
     data = hp.load_mnist(n_train=1000, verbose=False)
-    config = hp.VAEConfig(n_epochs=5, n_train=1000, batch_size=50, lr=3e-3)
+    # 50 steps of M = 100 leave the model on the plateau of the mean image
+    # (about -206 nats); 250 smaller steps get past it
+    config = hp.VAEConfig(n_epochs=5, n_train=1000, batch_size=20, lr=3e-3)
     ckpt = hp.train_vae(config, data, verbose=False, final_samples=5)
     first_test = ckpt["history"]["test_elbo"][0]
     final = ckpt["results"]["test_elbo"]
     # the snapshot before training decodes to p = 0.5 everywhere
     before = ckpt["snapshots"]["means"][0].float()
     assert (before - 0.5).abs().max() < 0.01
-    assert first_test > -543 and final > -210
+    assert first_test > -543 and final > -200
     assert len(ckpt["history"]["train_elbo"]) == 5
     assert ckpt["snapshots"]["epochs"] == [0, 1, 2, 5]
 
