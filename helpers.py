@@ -1099,19 +1099,22 @@ def elbo_gradient(model: VAE, x: torch.Tensor,
 
 def train_epoch(model: VAE, optimizer: torch.optim.Optimizer,
                 x_train: torch.Tensor, batch_size: int,
-                generator: torch.Generator) -> float:
+                generator: torch.Generator, gradient=None) -> float:
     """One pass over the resident training tensor; the mean train ELBO (03).
 
     Minibatches are indexed from a fresh permutation (no DataLoader, no
     per-image Python); each step follows the gradient of -ELBO with K = 1,
-    as in the paper, computed by :func:`elbo_gradient`. The minibatch
-    values are kept as tensors and summed once at the end, so no step
-    waits on a copy to the host.
+    as in the paper, computed by ``gradient(model, xb, generator)``, which
+    fills the ``.grad`` tensors and returns the minibatch ELBO:
+    :func:`elbo_gradient` unless another is given. The minibatch values are
+    kept as tensors and summed once at the end, so no step waits on a copy
+    to the host.
     """
+    gradient = gradient or elbo_gradient
     values, sizes = [], []
     for idx in minibatch_indices(len(x_train), batch_size, generator):
         xb = x_train[idx.to(x_train.device)]                  # (M, 784)
-        values.append(elbo_gradient(model, xb, generator))
+        values.append(gradient(model, xb, generator))
         optimizer.step()
         sizes.append(len(idx))
     weights = torch.tensor(sizes, dtype=torch.float64, device=x_train.device)

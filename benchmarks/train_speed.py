@@ -7,7 +7,7 @@ that the load of a shared machine falls on all of them alike:
     (TensorDataset + DataLoader with shuffling, sigmoid + binary cross
     entropy, closed-form KL, Adam with default settings, loss.item() every
     step);
-(b) the series' loop with autograd: helpers.train_epoch as it would be with
+(b) the series' loop with autograd: helpers.train_epoch with
     ``(-elbo(...)).backward()`` in place of the hand-written gradient;
 (c) the series' loop, helpers.train_epoch: the training set resident as one
     tensor, minibatches indexed from a permutation, the Monte Carlo ELBO of
@@ -114,16 +114,12 @@ class MatmulBound:
                 torch.mm(a, b, out=out)
 
 
-def autograd_epoch(model, optimizer, x_train, batch_size, generator):
-    """helpers.train_epoch with autograd differentiating helpers.elbo."""
-    values = []
-    for idx in hp.minibatch_indices(len(x_train), batch_size, generator):
-        value = hp.elbo(model, x_train[idx], 1, generator)
-        optimizer.zero_grad(set_to_none=True)
-        (-value).backward()
-        optimizer.step()
-        values.append(value.detach())
-    return torch.stack(values).mean().item()
+def autograd_gradient(model, x, generator):
+    """What helpers.elbo_gradient does, done by autograd on helpers.elbo."""
+    model.zero_grad(set_to_none=True)
+    value = hp.elbo(model, x, 1, generator)
+    (-value).backward()
+    return value.detach()
 
 
 class AdamAlone:
@@ -167,8 +163,9 @@ def main(argv=None):
 
     runs = {
         "dataloader": lambda: baseline_epoch(theirs, opt_theirs, loader),
-        "autograd": lambda: autograd_epoch(auto, opt_auto, data.x_train,
-                                           config.batch_size, gen_auto),
+        "autograd": lambda: hp.train_epoch(auto, opt_auto, data.x_train,
+                                           config.batch_size, gen_auto,
+                                           gradient=autograd_gradient),
         "series": lambda: hp.train_epoch(ours, opt_ours, data.x_train,
                                          config.batch_size, gen),
         "matmuls": lambda: bound.epoch(steps),

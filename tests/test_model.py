@@ -111,17 +111,19 @@ def test_the_hand_written_gradient_is_autograds(latent_dim, hidden_dim,
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     for p in model.parameters():      # stale values must be overwritten
         p.grad.fill_(float("nan"))
+
+    def assert_gradients_match():
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
+                                       atol=1e-12, msg=name)
+
     value = hp.elbo_gradient(model, x, hp.make_generator(13))
     assert not value.requires_grad
     torch.testing.assert_close(value, reference.detach(), rtol=1e-12, atol=0)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
-                                   atol=1e-12, msg=name)
+    assert_gradients_match()
     model.zero_grad(set_to_none=True)  # and missing ones are created
     hp.elbo_gradient(model, x, hp.make_generator(13))
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
-                                   atol=1e-12, msg=name)
+    assert_gradients_match()
 
 
 def test_five_epochs_on_1000_images_learn_a_lot():
