@@ -874,6 +874,7 @@ class VAE(torch.nn.Module):
                           self.dec_out):
                 layer.weight.normal_(0.0, init_std)
                 layer.bias.zero_()
+        perturb_if_asked(self)  # only under the test suite's second pass
 
     @classmethod
     def from_config(cls, config: VAEConfig) -> "VAE":
@@ -888,6 +889,43 @@ class VAE(torch.nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Bernoulli logits of p(x|z), (..., 784)."""
         return self.dec_out(torch.tanh(self.dec_hidden(z)))
+
+
+PERTURB_ENV = "VAE_PERTURB"
+PERTURB_SCALE = 1e-6
+
+
+def perturb_weights(model: torch.nn.Module, seed: int,
+                    scale: float = PERTURB_SCALE) -> torch.nn.Module:
+    """Multiply every parameter by ``1 + scale * eps``, ``eps ~ N(0, 1)``
+    from a generator seeded with ``seed``; in place, returns the model.
+
+    The test suite's second pass (``VAE_PERTURB=1``) runs the notebooks on
+    weights jittered by one part in a million. The jitter is the same on
+    every machine, and it is far larger than the rounding differences
+    between CPUs, so a printed digit that survives it does not depend on
+    the order in which some machine adds up its floats.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            eps = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.mul_((1.0 + scale * eps).to(p.dtype))
+    return model
+
+
+def perturb_if_asked(model: torch.nn.Module) -> torch.nn.Module:
+    """Apply :func:`perturb_weights` when the environment variable
+    ``VAE_PERTURB`` holds a seed (every model the series builds or loads
+    passes through here); otherwise return the model unchanged."""
+    value = os.environ.get(PERTURB_ENV, "").strip()
+    if not value:
+        return model
+    if not value.isdigit():
+        raise ConfigError(f"{PERTURB_ENV}={value!r} is not a whole number; "
+                          f"set it to the seed of the perturbation (e.g. "
+                          f"{PERTURB_ENV}=1) or unset it.")
+    return perturb_weights(model, int(value))
 
 
 def log_prior(z: torch.Tensor) -> torch.Tensor:
@@ -1275,6 +1313,7 @@ def load_checkpoint(config: VAEConfig, outputs: Outputs | None = None,
             f"notebooks/03_training.ipynb.")
     model = VAE.from_config(config)
     model.load_state_dict(ckpt["state_dict"])
+    perturb_if_asked(model)
     model.to(device or get_device()).eval()
     return model, ckpt
 

@@ -1,6 +1,7 @@
 """The model, the ELBO and IWAE bounds, training, checkpoints and the
 parameter checks that run before any work."""
 
+import copy
 import math
 
 import pytest
@@ -287,3 +288,37 @@ def test_kl_on_the_grid_equals_log_px_minus_elbo():
     se = w.std().item() / math.sqrt(len(w))
     assert kl > 0
     assert abs(gap - kl) < 4 * se + 1e-3
+
+
+def test_perturbation_is_one_part_in_a_million_and_the_same_every_time(
+        monkeypatch):
+    base = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
+    first = hp.perturb_weights(copy.deepcopy(base), seed=1)
+    again = hp.perturb_weights(copy.deepcopy(base), seed=1)
+    other = hp.perturb_weights(copy.deepcopy(base), seed=2)
+    for p0, p1, p2, p3 in zip(base.parameters(), first.parameters(),
+                              again.parameters(), other.parameters()):
+        assert torch.equal(p1, p2)
+        nonzero = p0 != 0
+        rel = (p1[nonzero] / p0[nonzero] - 1).double()
+        if rel.numel() == 0:   # the biases start at 0 and stay there
+            continue
+        if rel.numel() > 20:   # jitter of the stated size, not zero
+            assert 0.5e-6 < rel.std() < 2e-6
+        assert rel.abs().max() < 1e-5
+        assert not torch.equal(p1[nonzero], p3[nonzero])
+    monkeypatch.setenv(hp.PERTURB_ENV, "1")
+    torch.manual_seed(0)
+    jittered = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
+    torch.manual_seed(0)
+    monkeypatch.delenv(hp.PERTURB_ENV)
+    plain = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
+    expected = hp.perturb_weights(plain, seed=1)
+    for a, b in zip(jittered.parameters(), expected.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_bad_perturbation_seed_is_one_sentence(monkeypatch):
+    monkeypatch.setenv(hp.PERTURB_ENV, "yes")
+    with pytest.raises(hp.ConfigError, match="not a whole number"):
+        hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
