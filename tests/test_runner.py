@@ -1,6 +1,7 @@
 """The batch runner: bad input stops it at once with one sentence, a
-failing notebook is named with its cell, and a tiny run of 02 and 03 works
-end to end through papermill into a scratch folder."""
+failing notebook is named with its cell, and a smoke run of all eight
+notebooks in a small, non-default configuration works end to end through
+papermill into a scratch folder."""
 
 import json
 
@@ -47,20 +48,36 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch,
     assert (tmp_path / "out" / "notebooks" / "99_broken.ipynb").exists()
 
 
+# A configuration other than the committed one, small enough for a minute
+# or two: a fresh model trained for a few epochs on a subset, and every
+# analysis notebook with small sample sizes.
+SMOKE = ["-p", "EPOCHS=3", "-p", "SEED=1", "-p", "N_TRAIN=1000",
+         "-p", "N_TEST=500", "-p", "N_SAMPLES=20000", "-p", "N_REPEATS=50",
+         "-p", "PRIOR_SAMPLES=16384", "-p", "N_CHECK=200", "-p", "N_CURVE=5",
+         "-p", "MIXTURE_SIZES=[5,20]", "-p", "N_FRANKEN=100",
+         "-p", "SVI_STEPS=50", "-p", "N_GAP=20", "-p", "GAP_STEPS=30",
+         "-p", "N_REPS=100", "-p", "N_REPS_K=50"]
+
+
 @pytest.mark.slow
-def test_tiny_batch_run_of_02_and_03(tmp_path):
+def test_smoke_run_of_the_whole_series_in_another_configuration(tmp_path):
     out = tmp_path / "run"
-    code = run_series.main([
-        "--only", "02,03", "--out", str(out), "-p", "EPOCHS=1",
-        "-p", "N_TRAIN=500", "-p", "N_TEST=500", "-p", "N_REPEATS=50"])
+    committed = {p: p.stat().st_mtime_ns for p in hp.DATA_DIR.glob("*.*")}
+    code = run_series.main(["--out", str(out), *SMOKE])
     assert code == 0
-    config = hp.VAEConfig(n_epochs=1, n_train=500)
+    config = hp.VAEConfig(n_epochs=3, n_train=1000, seed=1)
     assert (out / "checkpoints" / config.checkpoint_name()).is_file()
     assert not (hp.DATA_DIR / config.checkpoint_name()).exists()
+    assert committed == {p: p.stat().st_mtime_ns
+                         for p in hp.DATA_DIR.glob("*.*")}
     metrics = json.loads((out / "metrics.json").read_text())
     assert -543.5 < metrics["test_elbo"] < 0
+    assert metrics["test_elbo"] < metrics["test_log_px_quadrature"]
+    for path in run_series.notebook_paths():
+        assert (out / "notebooks" / path.name).is_file(), path.name
     assert (out / "figures" / "03_learning_curves.png").is_file()
+    assert (out / "figures" / "08_variance_vs_k.png").is_file()
     executed = nbformat.read(out / "notebooks" / "03_training.ipynb", 4)
     injected = [c for c in executed.cells
                 if "injected-parameters" in c.metadata.get("tags", [])]
-    assert "EPOCHS = 1" in injected[0].source
+    assert "EPOCHS = 3" in injected[0].source
