@@ -166,3 +166,22 @@ def test_tiling_matches_torchvision_make_grid():
                     pad_value=0.5)[0].numpy()
     np.testing.assert_array_equal(hp.tile_images(x, 3, pad=1,
                                                  pad_value=0.5), ref)
+
+
+def test_bernoulli_mixture_is_normalised_and_em_climbs():
+    # D = 4 pixels: the mixture's probabilities of all 16 images sum to 1
+    g = hp.make_generator(3)
+    x = (torch.rand(200, 4, generator=g) < torch.tensor([0.9, 0.1, 0.5, 0.7])
+         ).float()
+    log_pi, logits, hist = hp.fit_bernoulli_mixture(x, 3, n_iter=20,
+                                                     generator=g)
+    every = torch.tensor([[(i >> b) & 1 for b in range(4)]
+                          for i in range(16)], dtype=torch.float32)
+    total = hp.bernoulli_mixture_log_px(every, log_pi, logits).exp().sum()
+    assert abs(total.item() - 1.0) < 1e-5
+    assert all(b >= a - 1e-6 for a, b in zip(hist, hist[1:]))
+    # continuing from the fit on more data starts where it left off
+    _, _, more = hp.fit_bernoulli_mixture(x, 3, n_iter=5,
+                                          start=(log_pi, logits))
+    assert more[0] >= hist[-1] - 1e-6
+    assert all(b >= a - 1e-6 for a, b in zip(more, more[1:]))

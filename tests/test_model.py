@@ -322,3 +322,48 @@ def test_a_bad_perturbation_seed_is_one_sentence(monkeypatch):
     monkeypatch.setenv(hp.PERTURB_ENV, "yes")
     with pytest.raises(hp.ConfigError, match="not a whole number"):
         hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
+
+
+def test_fast_quadrature_equals_the_plain_sum_with_moments():
+    torch.manual_seed(2)
+    model = hp.VAE(init_std=0.3)
+    data = hp.load_mnist(n_train=1, n_test=40, verbose=False)
+    x = data.x_test
+    plan = hp.plan_grid(model, x, 0.1, 6.0)
+    log_px, mean, cov = hp.integrate_posteriors(model, x, plan,
+                                                moments=True)
+    points = hp.grid_points(plan.lim, 0.1)
+    with torch.no_grad():
+        lj = (hp.log_likelihood(model, x[:, None], points)
+              + hp.log_prior(points)).double()                 # (N, G)
+    dense = torch.logsumexp(lj, 1) + 2 * math.log(0.1)
+    torch.testing.assert_close(log_px, dense, atol=1e-4, rtol=1e-6)
+    w = torch.softmax(lj, 1)
+    m = w @ points.double()
+    d = points.double()[None] - m[:, None]
+    c = torch.einsum("ng,nga,ngb->nab", w, d, d)
+    torch.testing.assert_close(mean, m, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cov, c, atol=1e-5, rtol=1e-4)
+    assert plan.mean_share() < 0.5              # it did skip most points
+
+
+class FarPosterior(torch.nn.Module):
+    """Every pixel on with log-odds z1 - 8: with all pixels on, the
+    posterior sits near z1 = 12, far outside [-7, 7]^2."""
+    latent_dim = 2
+
+    def decode(self, z):
+        return (z[..., :1] - 8.0).expand(*z.shape[:-1], 784)
+
+
+def test_the_grid_grows_until_no_posterior_reaches_its_edge():
+    x = torch.ones(1, 784)
+    plan = hp.plan_grid(FarPosterior(), x, 0.05, 7.0)
+    assert plan.lim > 12 and plan.edge_share.max() < math.log(1e-9)
+    log_px = hp.integrate_posteriors(FarPosterior(), x, plan)
+    # independent: z2 integrates out of N(0, 1) exactly; z1 in float64
+    z1 = torch.linspace(-5, 30, 350_001, dtype=torch.float64)
+    lf = 784 * torch.nn.functional.logsigmoid(z1 - 8) - z1 ** 2 / 2
+    exact = (torch.logsumexp(lf, 0) + math.log(z1[1] - z1[0])
+             - 0.5 * math.log(2 * math.pi))
+    assert abs(log_px.item() - exact.item()) < 1e-3
