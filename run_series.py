@@ -140,7 +140,7 @@ RESULTS = [  # (metrics key, what it is, format)
     ("train_log_px_quadrature", "train log p(x), quadrature (04)", "{:.2f}"),
     ("test_log_px_quadrature", "test log p(x), quadrature (04)", "{:.2f}"),
     ("test_log_px_prior_mc",
-     "test log p(x), prior Monte Carlo, 1,000 random test images (04)",
+     "test log p(x), prior Monte Carlo, 500 random test images (04)",
      "{:.2f}"),
     ("quadrature_prior_mc_mean_abs_diff",
      "mean abs. difference quadrature vs prior MC, same images (04)",
