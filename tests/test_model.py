@@ -270,6 +270,46 @@ def test_svi_recovers_a_conjugate_gaussian_posterior():
     assert hist[-1] > hist[0]
 
 
+def test_posterior_box_decodes_part_of_the_grid_and_finds_the_same_box(
+        monkeypatch):
+    """The coarse pass must not change the box: the same as from the whole
+    grid, for the narrowest trained posteriors (0.02), the one spread
+    widest and two top halves."""
+    config = hp.VAEConfig()
+    model, _ = hp.load_checkpoint(config, path=hp.DATA_DIR
+                                  / config.checkpoint_name())
+    x = hp.load_mnist(n_train=1, n_test=500, verbose=False).x_test
+    with torch.no_grad():
+        log_px, _, cov = hp.posterior_moments(model, x)
+        log_top = hp.log_px_quadrature(model, x[:8], mask=hp.TOP_HALF)
+    sd = torch.linalg.eigvalsh(cov)[:, 0].sqrt()
+    narrowest = sd.argsort()[:2].tolist()
+    assert sd[narrowest[0]] < 0.021
+    widest = int(torch.linalg.det(cov).argmax())
+    cases = [(x[i], log_px[i].item(), None) for i in narrowest + [widest]]
+    cases += [(x[i], log_top[i].item(), hp.TOP_HALF) for i in (0, 7)]
+    decoded = []
+    real = hp.log_likelihood
+
+    def counting(model, x, z, mask=None):
+        decoded.append(len(z))
+        return real(model, x, z, mask)
+
+    monkeypatch.setattr(hp, "log_likelihood", counting)
+    for k, (xi, lp, mask) in enumerate(cases):
+        decoded.clear()
+        lo, hi = hp.posterior_box(model, xi, lp, mask)
+        assert sum(decoded) < 78_961 / 2
+        # the whole grid, decoded at once (as it was before the coarse
+        # pass) and through the fallback, when the coarse pass finds nothing
+        whole = [hp.posterior_box(model, xi, lp, mask, margin=math.inf)]
+        if k == 0:
+            whole.append(hp.posterior_box(model, xi, lp, mask,
+                                          margin=-math.inf))
+        for other in whole:
+            assert torch.equal(lo, other[0]) and torch.equal(hi, other[1])
+
+
 def test_kl_on_the_grid_equals_log_px_minus_elbo():
     data = hp.load_mnist(n_train=1, n_test=1, verbose=False)
     torch.manual_seed(1)
