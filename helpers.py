@@ -1764,16 +1764,50 @@ def _hdr_levels(density: torch.Tensor, masses=(0.99, 0.9, 0.5)):
 
 def posterior_box(model: VAE, x: torch.Tensor, log_px: float,
                   mask: torch.Tensor | None = None, mass: float = 0.999,
-                  lim: float = 7.0, spacing: float = 0.05):
+                  lim: float = 7.0, spacing: float = 0.05,
+                  step: int = 5, margin: float = 100.0):
     """The smallest axis-aligned box holding the global-grid points that
     make up ``mass`` of p(z|x): where to look at a posterior, even one in
-    several pieces (04). Returns ``(low (2,), high (2,))``."""
-    z = grid_points(lim, spacing)
+    several pieces (04, 07). Returns ``(low (2,), high (2,))``.
+
+    The points are taken by weight ``w = p(z|x) spacing^2``, largest first,
+    until they hold ``mass``. Few of the grid's G points can be among them:
+    the last point taken and the points left over hold more than
+    ``1 - mass`` between them, and none weighs more than that last point,
+    so every point taken has ``w > (1 - mass) / G``, a floor on
+    ``log p(x|z) + log p(z)``. A coarse pass over every ``step``-th row and
+    column finds where the log joint comes within ``margin`` nats of that
+    floor, and only the grid points within ``step`` rows and columns of
+    those places are decoded, usually a small part of the grid. The default
+    margin finds any piece of the posterior shaped like a Gaussian with a
+    standard deviation of 0.02 or more, wherever it falls between coarse
+    points; if the points decoded do not hold ``mass``, the whole grid is
+    used.
+    """
+    axis = grid_axis(lim, spacing)
+    n = len(axis)
+    floor = (log_px + math.log((1.0 - mass) / n ** 2)
+             - 2 * math.log(spacing))
+    rows = torch.arange(0, n, step)
+    if rows[-1] != n - 1:
+        rows = torch.cat([rows, torch.tensor([n - 1])])
+    coarse = torch.cartesian_prod(axis[rows], axis[rows])
     with torch.no_grad():
-        lj = log_likelihood(model, x, z, mask) + log_prior(z)   # (G,)
-    w = torch.exp(lj.double() - log_px) * spacing ** 2
-    order = w.argsort(descending=True)
-    keep = order[:int((w[order].cumsum(0) < mass).sum()) + 1]
+        lj = log_likelihood(model, x, coarse, mask) + log_prior(coarse)
+    near = torch.zeros(n, n)
+    near[rows[:, None], rows] = (lj.double() >= floor - margin).float() \
+        .reshape(len(rows), len(rows))
+    near = F.max_pool2d(near[None], 2 * step + 1, 1, step)[0] > 0  # (n, n)
+    points = grid_points(lim, spacing)
+    for z in (points[near.flatten()], points):        # then the fallback
+        with torch.no_grad():
+            lj = log_likelihood(model, x, z, mask) + log_prior(z)
+        w = torch.exp(lj.double() - log_px) * spacing ** 2
+        order = w.argsort(descending=True)
+        n_keep = int((w[order].cumsum(0) < mass).sum()) + 1
+        if n_keep <= len(w):
+            break
+    keep = order[:n_keep]
     return z[keep].amin(0) - spacing, z[keep].amax(0) + spacing
 
 
@@ -1960,7 +1994,7 @@ def vae_log_joint(model: VAE, x: torch.Tensor,
 
 def svi(log_joint, mu0: torch.Tensor, logvar0: torch.Tensor,
         n_steps: int = 500, n_samples: int = 16, lr: float = 0.05,
-        generator: torch.Generator | None = None):
+        generator: torch.Generator | None = None, antithetic: bool = False):
     """Fit Gaussians q_i(z) = N(mu_i, diag exp(logvar_i)) to a batch of
     posteriors by stochastic variational inference (07).
 
@@ -1968,6 +2002,13 @@ def svi(log_joint, mu0: torch.Tensor, logvar0: torch.Tensor,
     ``n_samples`` reparameterised samples, with Adam. All members of the
     batch are optimised at once: their ELBOs are independent, so the
     gradient of their sum is each one's own gradient.
+
+    With ``antithetic``, the samples come in mirrored pairs,
+    ``mu + sigma eps`` and ``mu - sigma eps`` (``n_samples`` must be even).
+    Each is still a sample of q, so the estimate stays unbiased; but where
+    the log joint is close to quadratic over q, the errors of a pair in the
+    gradient for mu cancel. In 07, 8 samples in pairs fit the gap split's
+    Gaussians at least as well as 16 independent ones, at half the cost.
 
     Args:
         log_joint: maps z of shape (K, B, Dz) to (K, B), for example
@@ -1978,12 +2019,19 @@ def svi(log_joint, mu0: torch.Tensor, logvar0: torch.Tensor,
         batch at every step.
     """
     _whole("SVI steps", n_steps, 1)
+    if antithetic and n_samples % 2:
+        raise ConfigError(f"antithetic SVI draws samples in pairs; give an "
+                          f"even number of samples, not {n_samples}.")
     mu = mu0.detach().clone().requires_grad_(True)
     logvar = logvar0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([mu, logvar], lr=lr)
     history = []
     for _ in range(n_steps):
-        z = gaussian_sample(mu, logvar, n_samples, generator)   # (K, B, Dz)
+        if antithetic:
+            z = gaussian_sample(mu, logvar, n_samples // 2, generator)
+            z = torch.cat([z, 2 * mu - z])                      # mu -+ sigma eps
+        else:
+            z = gaussian_sample(mu, logvar, n_samples, generator)
         value = (log_joint(z) - log_q(z, mu, logvar)).mean(0)   # (B,)
         opt.zero_grad()
         (-value.sum()).backward()
@@ -2004,6 +2052,46 @@ def gaussian_elbo(log_joint, mu: torch.Tensor, logvar: torch.Tensor,
         z = gaussian_sample(mu, logvar, n_samples, generator)   # (K, B, Dz)
         w = log_joint(z) - log_q(z, mu, logvar)
     return w.double().mean(0)
+
+
+def gaussian_elbo_quadrature(log_joint, mu: torch.Tensor,
+                             logvar: torch.Tensor, n_nodes: int = 12):
+    """ELBO of given Gaussians q_i by Gauss-Hermite quadrature, with an
+    estimate of its error (07).
+
+    ``ELBO = E_q[log_joint(z)] + H(q)``, with q's entropy in closed form,
+    ``H = sum_d (1 + log 2 pi + logvar_d) / 2``. Written in
+    ``z = mu + sigma t``, the expectation is an integral against a standard
+    normal density in each coordinate. The Gauss-Hermite rule with n nodes
+    per coordinate (n^Dz in all) integrates polynomials in t of degree below
+    2n exactly, and smooth functions very nearly so: in 07, with n = 12,
+    to within 0.0001 nats for the encoder's and SVI's Gaussians, which sit
+    on one piece of the posterior. Where q stretches over several pieces,
+    the log joint bends sharply between them and the rule converges
+    slowly. So the rule with ``n_nodes - 4`` nodes is evaluated too, and
+    the difference between the two is returned as an estimate of the
+    error: once the rules converge, the finer one is far more accurate, and
+    the difference is about the coarser one's error, more than the finer
+    one's. Where it is too large, use :func:`gaussian_elbo` (07 does so
+    above 0.01 nats).
+
+    Returns:
+        ``(elbo, error)``, each (B,) float64.
+    """
+    _whole("n_nodes", n_nodes, 5)
+    dz = mu.shape[-1]
+    estimates = []
+    for n in (n_nodes - 4, n_nodes):
+        t, w = np.polynomial.hermite_e.hermegauss(n)  # weight exp(-t^2 / 2)
+        t = torch.as_tensor(t, dtype=mu.dtype)
+        w = torch.as_tensor(w / w.sum(), dtype=torch.float64)
+        nodes = torch.cartesian_prod(*[t] * dz).reshape(-1, dz)   # (N, Dz)
+        weights = torch.cartesian_prod(*[w] * dz).reshape(-1, dz).prod(-1)
+        with torch.no_grad():
+            z = mu + torch.exp(0.5 * logvar) * nodes[:, None]    # (N, B, Dz)
+            estimates.append(weights @ log_joint(z).double())   # (B,)
+    entropy = 0.5 * (1.0 + LOG_2PI + logvar.double()).sum(-1)
+    return estimates[1] + entropy, (estimates[1] - estimates[0]).abs()
 
 
 # ---------------------------------------------------------------------------

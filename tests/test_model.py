@@ -246,28 +246,133 @@ def test_top_half_and_masked_likelihood():
     torch.testing.assert_close(top + bottom, full)   # pixels independent
 
 
-def test_svi_recovers_a_conjugate_gaussian_posterior():
-    # y_i ~ N(z_i, s^2 I), z_i ~ N(0, I): p(z|y) = N(y / (1 + s^2),
-    # s^2 / (1 + s^2)), which the Gaussian family contains exactly
+def conjugate_problem(dtype=torch.float32):
+    """y_i ~ N(z_i, s^2 I), z_i ~ N(0, I): p(z|y) = N(y / (1 + s^2),
+    s^2 / (1 + s^2)), which the Gaussian family contains exactly."""
     s2 = 0.25
-    y = torch.tensor([[0.5, -1.0], [2.0, 0.3], [-3.0, 1.5]])
-    noise = torch.full((2,), math.log(s2))
+    y = torch.tensor([[0.5, -1.0], [2.0, 0.3], [-3.0, 1.5]], dtype=dtype)
+    noise = torch.full((2,), math.log(s2), dtype=dtype)
 
     def log_joint(z):
         return hp.gaussian_log_pdf(y, z, noise) + hp.log_prior(z)
+    return s2, y, log_joint
 
+
+@pytest.mark.parametrize("antithetic", [False, True])
+def test_svi_recovers_a_conjugate_gaussian_posterior(antithetic):
+    s2, y, log_joint = conjugate_problem()
     g = hp.make_generator(10)
     mu, logvar, hist = hp.svi(log_joint, torch.zeros(3, 2),
                               torch.zeros(3, 2), n_steps=1500,
-                              n_samples=32, lr=0.03, generator=g)
+                              n_samples=32, lr=0.03, generator=g,
+                              antithetic=antithetic)
     # a second stage with a smaller step lets Adam's noise settle
     mu, logvar, _ = hp.svi(log_joint, mu, logvar, n_steps=1000,
-                           n_samples=32, lr=0.003, generator=g)
+                           n_samples=32, lr=0.003, generator=g,
+                           antithetic=antithetic)
     torch.testing.assert_close(mu, y / (1 + s2), atol=0.02, rtol=0)
     torch.testing.assert_close(logvar.exp(),
                                torch.full((3, 2), s2 / (1 + s2)),
                                atol=0.02, rtol=0)
     assert hist[-1] > hist[0]
+
+
+def test_antithetic_svi_draws_mirrored_pairs():
+    mu0, logvar0 = torch.tensor([[1.0, -2.0]]), torch.tensor([[0.3, -0.5]])
+    seen = []
+
+    def log_joint(z):
+        seen.append(z.detach().clone())
+        return hp.log_prior(z)
+
+    hp.svi(log_joint, mu0, logvar0, n_steps=1, n_samples=6,
+           generator=hp.make_generator(0), antithetic=True)
+    z = seen[0]                                      # (6, 1, 2)
+    torch.testing.assert_close(z[:3] + z[3:], 2 * mu0.expand(3, 1, 2))
+    assert (z[:3] != z[3:]).all()
+    with pytest.raises(hp.ConfigError, match="even number"):
+        hp.svi(log_joint, mu0, logvar0, n_steps=1, n_samples=5,
+               antithetic=True)
+
+
+def test_quadrature_elbo_is_exact_for_a_quadratic_log_joint():
+    # in the conjugate problem the log joint is quadratic in z, so the
+    # Gauss-Hermite rules of both orders are exact: ELBO = log p(y) - KL
+    s2, y, log_joint = conjugate_problem(torch.float64)
+    mu = torch.tensor([[0.1, -0.2], [1.0, 1.0], [-2.0, 0.5]],
+                      dtype=torch.float64)
+    logvar = torch.tensor([[-1.0, 0.0], [-2.0, -1.5], [0.5, -3.0]],
+                          dtype=torch.float64)
+    elbo, error = hp.gaussian_elbo_quadrature(log_joint, mu, logvar)
+    log_py = hp.gaussian_log_pdf(
+        y, torch.zeros_like(y), torch.full_like(y, math.log(1 + s2)))
+    post_var = s2 / (1 + s2)
+    q = D.Normal(mu, (0.5 * logvar).exp())
+    post = D.Normal(y / (1 + s2), math.sqrt(post_var))
+    kl = D.kl_divergence(q, post).sum(-1)
+    torch.testing.assert_close(elbo, log_py - kl, atol=1e-9, rtol=0)
+    assert error.max() < 1e-9
+    with pytest.raises(hp.ConfigError, match="n_nodes"):
+        hp.gaussian_elbo_quadrature(log_joint, mu, logvar, n_nodes=4)
+
+
+def test_quadrature_elbo_agrees_with_monte_carlo_for_a_vae():
+    """The committed model's encoder Gaussians, as in 07: the rule has
+    converged, and it agrees with a 20,000-sample estimate."""
+    config = hp.VAEConfig()
+    model, _ = hp.load_checkpoint(config, path=hp.DATA_DIR
+                                  / config.checkpoint_name())
+    x = hp.load_mnist(n_train=1, n_test=8, verbose=False).x_test
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+    log_joint = hp.vae_log_joint(model, x)
+    elbo, error = hp.gaussian_elbo_quadrature(log_joint, mu, logvar)
+    with torch.no_grad():
+        z = hp.gaussian_sample(mu, logvar, 20_000, hp.make_generator(12))
+        w = (log_joint(z) - hp.log_q(z, mu, logvar)).double()  # (K, 8)
+    se = w.std(0) / math.sqrt(len(w))
+    assert error.max() < 1e-4
+    assert ((elbo - w.mean(0)).abs() < 4 * se).all()
+
+
+def test_posterior_box_decodes_part_of_the_grid_and_finds_the_same_box(
+        monkeypatch):
+    """The coarse pass must not change the box: the same as from the whole
+    grid, for the narrowest trained posteriors (0.02), the one spread
+    widest and two top halves."""
+    config = hp.VAEConfig()
+    model, _ = hp.load_checkpoint(config, path=hp.DATA_DIR
+                                  / config.checkpoint_name())
+    x = hp.load_mnist(n_train=1, n_test=500, verbose=False).x_test
+    with torch.no_grad():
+        log_px, _, cov = hp.posterior_moments(model, x)
+        log_top = hp.log_px_quadrature(model, x[:8], mask=hp.TOP_HALF)
+    sd = torch.linalg.eigvalsh(cov)[:, 0].sqrt()
+    narrowest = sd.argsort()[:2].tolist()
+    assert sd[narrowest[0]] < 0.021
+    widest = int(torch.linalg.det(cov).argmax())
+    cases = [(x[i], log_px[i].item(), None) for i in narrowest + [widest]]
+    cases += [(x[i], log_top[i].item(), hp.TOP_HALF) for i in (0, 7)]
+    decoded = []
+    real = hp.log_likelihood
+
+    def counting(model, x, z, mask=None):
+        decoded.append(len(z))
+        return real(model, x, z, mask)
+
+    monkeypatch.setattr(hp, "log_likelihood", counting)
+    for k, (xi, lp, mask) in enumerate(cases):
+        decoded.clear()
+        lo, hi = hp.posterior_box(model, xi, lp, mask)
+        assert sum(decoded) < 78_961 / 2
+        # the whole grid, decoded at once (as it was before the coarse
+        # pass) and through the fallback, when the coarse pass finds nothing
+        whole = [hp.posterior_box(model, xi, lp, mask, margin=math.inf)]
+        if k == 0:
+            whole.append(hp.posterior_box(model, xi, lp, mask,
+                                          margin=-math.inf))
+        for other in whole:
+            assert torch.equal(lo, other[0]) and torch.equal(hi, other[1])
 
 
 def test_kl_on_the_grid_equals_log_px_minus_elbo():
