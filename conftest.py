@@ -19,9 +19,10 @@ os.environ.setdefault("VAE_OUTPUT_DIR", tempfile.mkdtemp(prefix="vae-test-"))
 os.environ.setdefault("VAE_BATCH", "1")
 
 # seconds per notebook on the project's 2-core machine with the committed
-# weights; the notebooks take about half of this there (see README)
-BUDGETS = {"01": 45, "02": 45, "03": 45, "04": 90, "05": 45, "06": 45,
-           "07": 90, "08": 90}
+# weights: about twice what each takes there (see the README), so that a
+# busy machine passes and a notebook that grew much slower does not
+BUDGETS = {"01": 45, "02": 45, "03": 45, "04": 150, "05": 45, "06": 45,
+           "07": 120, "08": 120}
 _spans: dict[str, list[float]] = {}
 
 
