@@ -19,10 +19,11 @@ os.environ.setdefault("VAE_OUTPUT_DIR", tempfile.mkdtemp(prefix="vae-test-"))
 os.environ.setdefault("VAE_BATCH", "1")
 
 # seconds per notebook on the project's 2-core machine with the committed
-# weights: about twice what each takes there (see the README), so that a
-# busy machine passes and a notebook that grew much slower does not
-BUDGETS = {"01": 45, "02": 45, "03": 45, "04": 150, "05": 45, "06": 45,
-           "07": 120, "08": 120}
+# weights: about twice what each takes there on a busy day (see the
+# README), so that a shared machine passes and a notebook that grew much
+# slower (04 took 4 minutes before it was reworked) does not
+BUDGETS = {"01": 45, "02": 45, "03": 45, "04": 180, "05": 45, "06": 45,
+           "07": 150, "08": 150}
 _spans: dict[str, list[float]] = {}
 
 
