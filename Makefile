@@ -17,7 +17,7 @@ PARAM_NAMES := EPOCHS SEED LATENT_DIM HIDDEN_DIM N_TRAIN N_TEST LR BATCH_SIZE
 PARAMS := $(foreach p,$(PARAM_NAMES),$(if $($(p)),-p $(p)=$($(p)))) \
           $(foreach p,$(P),-p $(p))
 
-.PHONY: run test test-perturbed refresh report bench venv data clean
+.PHONY: run test test-perturbed refresh report bench export venv data clean
 
 run: $(READY) $(MNIST)
 	$(PY) run_series.py --out $(OUT) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(PARAMS)
@@ -48,10 +48,14 @@ report: $(READY)
 bench: $(READY) $(MNIST)
 	$(PY) benchmarks/train_speed.py --record
 
+# Rewrite helpers.py from the notebooks' cells marked `#| export`.
+export: $(READY)
+	$(PY) export.py
+
 venv: $(READY)
 data: $(MNIST)
 
-$(READY): requirements.txt
+$(READY): requirements.txt pyproject.toml
 	@echo ">> creating the virtual environment in $(VENV) (first time: a few minutes, torch is large)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip

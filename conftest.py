@@ -1,8 +1,7 @@
 """Test-wide settings, loaded before any test or notebook kernel starts.
 
 Notebook runs under nbval write their figures and metrics into a scratch
-folder (VAE_OUTPUT_DIR) so the test suite never rewrites committed files,
-and print plain progress lines (VAE_BATCH) instead of progress bars.
+folder (VAE_OUTPUT_DIR) so the test suite never rewrites committed files.
 
 Each notebook also has a time budget: the wall time from its first cell to
 its last under nbval. A notebook over budget fails the run, with a table of
@@ -16,7 +15,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VAE_OUTPUT_DIR", tempfile.mkdtemp(prefix="vae-test-"))
-os.environ.setdefault("VAE_BATCH", "1")
 
 # seconds per notebook under nbval on the project's 2-core machine with
 # the committed weights: about 2.5 times what each took there on a quiet

@@ -23,6 +23,82 @@ import helpers as hp
 # the configurations that jupyter-server-mathjax ships (HTML-CSS output)
 MATHJAX = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 
+# The headline results: metrics key, what it is, the notebook that records
+# it (and prints it in this format) or "bench" for the benchmark, format.
+# The README's table, the HTML index and the test that holds the metrics
+# file against the notebooks' outputs all read this list.
+RESULTS = [
+    ("train_elbo", "train ELBO, K = 100", "03", "{:.2f}"),
+    ("test_elbo", "test ELBO, K = 100", "03", "{:.2f}"),
+    ("train_log_px_quadrature", "train log p(x), quadrature", "04",
+     "{:.2f}"),
+    ("test_log_px_quadrature", "test log p(x), quadrature", "04", "{:.2f}"),
+    ("test_iwae_gap", "test log p(x) - IWAE bound (K = 100), 2,000 random "
+     "test images", "04", "{:.2f}"),
+    ("test_log_px_prior_mc",
+     "test log p(x), prior Monte Carlo, 500 random test images", "04",
+     "{:.2f}"),
+    ("quadrature_prior_mc_mean_abs_diff",
+     "mean abs. difference quadrature vs prior MC, same images", "04",
+     "{:.3f}"),
+    ("mixture_test_log_px", "test log p(x), Bernoulli mixture", "04",
+     "{:.2f}"),
+    ("frankenstein_auc", "AUC, natural vs spliced digits", "04", "{:.3f}"),
+    ("approximation_gap", "approximation gap, 300 test images", "07",
+     "{:.2f}"),
+    ("amortization_gap", "amortisation gap, 300 test images", "07",
+     "{:.2f}"),
+    ("grad_variance_ratio_sf",
+     "gradient variance, score function / reparam.", "08", "{:,.0f}"),
+    ("grad_variance_ratio_sf_baseline",
+     "same, score function with per-image baseline", "08", "{:.1f}"),
+    ("train_speedup_vs_dataloader",
+     "training speed-up of the series' loop over a DataLoader loop", "bench",
+     "{:.2f}x"),
+    ("train_hand_gradient_speedup",
+     "hand-written gradient, speed-up over autograd", "bench", "{:.2f}x"),
+    ("train_time_over_matmul_bound",
+     "training time / its matrix products alone", "bench", "{:.2f}x"),
+    ("train_adam_floor_over_matmul_bound",
+     "matrix products + Adam steps / matrix products alone", "bench",
+     "{:.2f}x"),
+]
+
+
+def results_rows(metrics: dict):
+    """(label, formatted value) of each headline result in the record."""
+    for key, label, owner, fmt in RESULTS:
+        if key in metrics:
+            yield f"{label} ({owner})", fmt.format(metrics[key])
+
+
+def prune_metrics(metrics_path: Path) -> list[str]:
+    """Drop from the record the keys that are no headline result (nor a
+    result's standard error, KEY_se), left by earlier versions; the keys
+    dropped."""
+    record = json.loads(metrics_path.read_text())
+    keep = {key for key, *_ in RESULTS} | {f"{key}_se" for key, *_ in RESULTS}
+    stale = sorted(set(record) - keep)
+    if stale:
+        text = json.dumps({k: v for k, v in record.items() if k in keep},
+                          indent=2) + "\n"
+        hp.atomic_write(metrics_path, lambda tmp: tmp.write_text(text))
+    return stale
+
+
+def update_readme(metrics_path: Path) -> None:
+    """Rewrite the results table between the markers of README.md."""
+    readme = hp.ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    if start not in text or end not in text:
+        return
+    rows = results_rows(json.loads(metrics_path.read_text()))
+    table = "\n".join(["| result | value |", "|---|---|"]
+                      + [f"| {label} | {value} |" for label, value in rows])
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+
 
 def title_and_blurb(nb) -> tuple[str, str]:
     """The notebook's '# NN — title' heading and its first paragraph."""
@@ -64,11 +140,8 @@ def render(notebooks: Path, out: Path, metrics_path: Path) -> Path:
                     f"{html.escape(first_sentences(blurb))}</li>")
     metrics = json.loads(metrics_path.read_text()) \
         if metrics_path.exists() else {}
-    from run_series import RESULTS
-
-    table = "".join(
-        f"<tr><td>{html.escape(label)}</td><td>{fmt.format(metrics[key])}"
-        f"</td></tr>" for key, label, fmt in RESULTS if key in metrics)
+    table = "".join(f"<tr><td>{html.escape(label)}</td><td>{value}</td></tr>"
+                    for label, value in results_rows(metrics))
     index = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>The VAE notebook series</title>

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import os
 import sys
 import tempfile
@@ -32,15 +31,16 @@ def notebook_paths() -> list[Path]:
 
 
 def parameters_of(path: Path) -> dict:
-    """The literals assigned in a notebook's cell tagged 'parameters'."""
-    cells = json.loads(path.read_text())["cells"]
-    for cell in cells:
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            tree = ast.parse("".join(cell["source"]))
-            return {node.targets[0].id: ast.literal_eval(node.value)
-                    for node in tree.body if isinstance(node, ast.Assign)}
-    raise SystemExit(f"error: {path.name} has no cell tagged 'parameters'; "
-                     "tag its parameter cell so papermill can override it.")
+    """The default values of a notebook's parameters (papermill reads its
+    cell tagged 'parameters')."""
+    import papermill as pm
+
+    found = pm.inspect_notebook(str(path))
+    if not found:
+        raise SystemExit(f"error: {path.name} has no cell tagged 'parameters'"
+                         "; tag its parameter cell so papermill can override"
+                         " it.")
+    return {name: ast.literal_eval(p["default"]) for name, p in found.items()}
 
 
 def parse_value(text: str):
@@ -96,6 +96,12 @@ def check_overrides(args, paths: list[Path]) -> dict:
     known = {}
     for path in paths:
         known.update(parameters_of(path))
+    ruleless = sorted(set(known) - set(hp.PARAMETERS))
+    if ruleless:
+        raise SystemExit(f"error: the notebook parameter(s) "
+                         f"{', '.join(ruleless)} have no rule in "
+                         "hp.PARAMETERS; add one in the appendix of "
+                         "notebooks/01_distributions.ipynb.")
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise SystemExit(f"error: no selected notebook has a parameter "
@@ -134,67 +140,10 @@ def run_one(path: Path, target: Path, parameters: dict) -> None:
                         extra_arguments=["--IPKernelApp.log_level=ERROR"])
 
 
-RESULTS = [  # (metrics key, what it is, format)
-    ("train_elbo", "train ELBO, K = 100 (03)", "{:.2f}"),
-    ("test_elbo", "test ELBO, K = 100 (03)", "{:.2f}"),
-    ("train_log_px_quadrature", "train log p(x), quadrature (04)", "{:.2f}"),
-    ("test_log_px_quadrature", "test log p(x), quadrature (04)", "{:.2f}"),
-    ("test_log_px_prior_mc",
-     "test log p(x), prior Monte Carlo, 500 random test images (04)",
-     "{:.2f}"),
-    ("quadrature_prior_mc_mean_abs_diff",
-     "mean abs. difference quadrature vs prior MC, same images (04)",
-     "{:.3f}"),
-    ("test_log_px_iwae", "test IWAE bound, K = 100 (04)", "{:.2f}"),
-    ("mixture_test_log_px", "test log p(x), Bernoulli mixture (04)",
-     "{:.2f}"),
-    ("frankenstein_auc", "AUC, natural vs spliced digits (04)", "{:.3f}"),
-    ("approximation_gap", "approximation gap, 300 test images (07)",
-     "{:.2f}"),
-    ("amortization_gap", "amortisation gap, 300 test images (07)",
-     "{:.2f}"),
-    ("grad_variance_ratio_sf",
-     "gradient variance, score function / reparam. (08)", "{:,.0f}"),
-    ("grad_variance_ratio_sf_baseline",
-     "same, score function with per-image baseline (08)", "{:.1f}"),
-    ("train_speedup_vs_dataloader",
-     "training speed-up over a DataLoader loop (bench)", "{:.2f}x"),
-    ("train_time_over_matmul_bound",
-     "training time / its matrix products alone (bench)", "{:.2f}x"),
-    ("train_adam_floor_over_matmul_bound",
-     "matrix products + Adam steps / matrix products alone (bench)",
-     "{:.2f}x"),
-]
-
-
-def results_markdown(metrics: dict) -> str:
-    """The README's results table, from the metrics record."""
-    lines = ["| result | value |", "|---|---|"]
-    for key, label, fmt in RESULTS:
-        if key in metrics:
-            lines.append(f"| {label} | {fmt.format(metrics[key])} |")
-    return "\n".join(lines)
-
-
-def update_readme(metrics_path: Path) -> None:
-    """Rewrite the table between the results markers of README.md."""
-    readme = hp.ROOT / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        return
-    metrics = json.loads(metrics_path.read_text())
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    table = results_markdown(metrics)
-    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = select(args.only)
     overrides = check_overrides(args, paths)
-    os.environ["VAE_BATCH"] = "1"  # progress as plain lines, not a bar
     if args.refresh:
         os.environ.pop("VAE_OUTPUT_DIR", None)
         where = "in place (committed report)"
@@ -242,7 +191,10 @@ def main(argv=None) -> int:
     import report
 
     if args.refresh:
-        update_readme(hp.output_paths("").metrics)
+        stale = report.prune_metrics(hp.output_paths("").metrics)
+        if stale:
+            print(f"dropped from data/metrics.json: {', '.join(stale)}")
+        report.update_readme(hp.output_paths("").metrics)
         print("README.md results table updated from data/metrics.json.")
         index = report.render(hp.NOTEBOOKS_DIR, hp.ROOT / "build" / "html",
                               hp.output_paths("").metrics)

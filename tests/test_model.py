@@ -1,7 +1,8 @@
-"""The model, the ELBO and IWAE bounds, training, checkpoints and the
-parameter checks that run before any work."""
+"""The model, the ELBO and IWAE bounds, training, checkpoints, the
+quadrature and SVI, and the parameter checks that run before any work.
+Code that only one notebook uses is taken from that notebook's cells."""
 
-import copy
+import functools
 import math
 
 import pytest
@@ -9,6 +10,13 @@ import torch
 from torch import distributions as D
 
 import helpers as hp
+from export import notebook_definitions
+
+NB03 = notebook_definitions("03_training", "train_vae", "elbo_gradient")
+NB04 = notebook_definitions("04_log_likelihood", "iwae", "log_joint_sum",
+                            "log_integrate_grid")
+NB07 = notebook_definitions("07_posterior_inference", "svi", "TOP_HALF",
+                            "gaussian_elbo_quadrature", "kl_q_posterior_grid")
 
 
 def tiny_model(seed=0, pixels=3, init_std=0.8):
@@ -39,7 +47,7 @@ def test_elbo_and_iwae_bound_the_exact_log_likelihood():
     se = w.std(0) / math.sqrt(w.shape[0])
     assert torch.isfinite(w).all()
     assert (elbo + 4 * se < log_px).all()                # a strict bound here
-    iwae = hp.evaluate_bounds(model, x, 20_000, g)[1]
+    iwae = NB04["iwae"](model, x, 20_000, g)
     assert (elbo < iwae).all() and (iwae < log_px + 1e-3).all()
     # with this many samples IWAE is close to log p(x)
     assert (log_px - iwae).max() < 0.05
@@ -76,22 +84,21 @@ def test_untrained_model_scores_784_log_2():
     assert value == pytest.approx(-784 * math.log(2), abs=0.5)
 
 
-def test_one_adam_step_improves_the_elbo_on_a_fixed_batch():
-    data = hp.load_mnist(n_train=100, n_test=1, verbose=False)
+def test_an_epoch_of_the_training_loop_improves_the_elbo():
+    data = hp.load_mnist(n_train=500, n_test=1, verbose=False)
     torch.manual_seed(0)
     model = hp.VAE()
-    opt = hp.make_optimizer(model, 1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def fixed_elbo():  # common random numbers: the same noise each time
-        return hp.elbo(model, data.x_train, 20, hp.make_generator(5))
+        with torch.no_grad():
+            return hp.elbo(model, data.x_train, 20, hp.make_generator(5))
 
-    with torch.no_grad():
-        before = fixed_elbo()
-    hp.elbo_gradient(model, data.x_train, hp.make_generator(6))
-    opt.step()                                   # the step training takes
-    with torch.no_grad():
-        after = fixed_elbo()
-    assert after.item() > before.item() + 0.05
+    before = fixed_elbo().item()
+    during = hp.train_epoch(model, opt, data.x_train, 50, hp.make_generator(6))
+    after = fixed_elbo().item()
+    assert after > before + 5
+    assert before - 1 < during < after + 1   # the mean while it learned
 
 
 @pytest.mark.parametrize("latent_dim,hidden_dim,batch,init_std", [
@@ -118,12 +125,12 @@ def test_the_hand_written_gradient_is_autograds(latent_dim, hidden_dim,
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9,
                                        atol=1e-12, msg=name)
 
-    value = hp.elbo_gradient(model, x, hp.make_generator(13))
+    value = NB03["elbo_gradient"](model, x, hp.make_generator(13))
     assert not value.requires_grad
     torch.testing.assert_close(value, reference.detach(), rtol=1e-12, atol=0)
     assert_gradients_match()
     model.zero_grad(set_to_none=True)  # and missing ones are created
-    hp.elbo_gradient(model, x, hp.make_generator(13))
+    NB03["elbo_gradient"](model, x, hp.make_generator(13))
     assert_gradients_match()
 
 
@@ -131,14 +138,17 @@ def test_five_epochs_on_1000_images_learn_a_lot():
     data = hp.load_mnist(n_train=1000, verbose=False)
     # 50 steps of M = 100 leave the model on the plateau of the mean image
     # (about -206 nats); 250 smaller steps get past it
-    config = hp.VAEConfig(n_epochs=5, n_train=1000, batch_size=20, lr=3e-3)
-    ckpt = hp.train_vae(config, data, verbose=False, final_samples=5)
+    config = hp.VAEConfig(epochs=5, n_train=1000, batch_size=20, lr=3e-3)
+    ckpt = NB03["train_vae"](config, data, verbose=False, final_samples=5)
     first_test = ckpt["history"]["test_elbo"][0]
     final = ckpt["results"]["test_elbo"]
     # the snapshot before training decodes to p = 0.5 everywhere
     before = ckpt["snapshots"]["means"][0].float()
     assert (before - 0.5).abs().max() < 0.01
     assert first_test > -543 and final > -200
+    per_image = ckpt["results"]["test"]
+    assert per_image["elbo"].shape == per_image["elbo_se"].shape == (10_000,)
+    assert per_image["elbo"].double().mean().item() == pytest.approx(final)
     assert len(ckpt["history"]["train_elbo"]) == 5
     assert ckpt["snapshots"]["epochs"] == [0, 1, 2, 5]
 
@@ -146,8 +156,9 @@ def test_five_epochs_on_1000_images_learn_a_lot():
 @pytest.fixture
 def small_checkpoint():
     data = hp.load_mnist(n_train=200, n_test=200, verbose=False)
-    config = hp.VAEConfig(n_epochs=1, n_train=200, hidden_dim=20)
-    return config, hp.train_vae(config, data, verbose=False, final_samples=2)
+    config = hp.VAEConfig(epochs=1, n_train=200, hidden_dim=20)
+    return config, NB03["train_vae"](config, data, verbose=False,
+                                     final_samples=2)
 
 
 def test_checkpoint_round_trip(tmp_path, small_checkpoint):
@@ -159,7 +170,7 @@ def test_checkpoint_round_trip(tmp_path, small_checkpoint):
     for key, value in ckpt["state_dict"].items():
         assert torch.equal(model.state_dict()[key], value)
     assert loaded["history"] == ckpt["history"]
-    assert loaded["config"] == config.as_dict()
+    assert loaded["config"] == vars(config)
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_intact(
@@ -185,10 +196,10 @@ def test_mismatched_or_missing_checkpoints_are_refused(tmp_path,
                                                        small_checkpoint):
     config, ckpt = small_checkpoint
     path = hp.save_checkpoint(ckpt, tmp_path / "model.pt")
-    other = hp.VAEConfig(n_epochs=1, n_train=200, hidden_dim=30)
+    other = hp.VAEConfig(epochs=1, n_train=200, hidden_dim=30)
     with pytest.raises(hp.ConfigError, match="hidden_dim=20 \\(asked 30\\)"):
         hp.load_checkpoint(other, path=path)
-    missing = hp.VAEConfig(n_epochs=3, n_train=200, hidden_dim=20)
+    missing = hp.VAEConfig(epochs=3, n_train=200, hidden_dim=20)
     with pytest.raises(hp.ConfigError, match="No trained weights"):
         hp.load_checkpoint(missing, hp.output_paths(tmp_path))
     path.write_bytes(b"not a checkpoint")
@@ -198,7 +209,7 @@ def test_mismatched_or_missing_checkpoints_are_refused(tmp_path,
 
 @pytest.mark.parametrize("kwargs,name", [
     (dict(latent_dim=0), "LATENT_DIM"), (dict(hidden_dim=-1), "HIDDEN_DIM"),
-    (dict(n_epochs=-5), "EPOCHS"), (dict(batch_size=20_000), "BATCH_SIZE"),
+    (dict(epochs=-5), "EPOCHS"), (dict(batch_size=20_000), "BATCH_SIZE"),
     (dict(lr=0), "LR"), (dict(lr=float("nan")), "LR"),
     (dict(latent_dim=2.0), "LATENT_DIM"), (dict(seed=True), "SEED")])
 def test_bad_parameters_are_refused_in_one_sentence(kwargs, name):
@@ -207,8 +218,8 @@ def test_bad_parameters_are_refused_in_one_sentence(kwargs, name):
     message = str(err.value)
     assert message.startswith(name) and "\n" not in message
     # the batch runner's check sees the same problem by parameter name
-    params = {n: kwargs[f] for n, f in hp.PARAMETER_FIELDS.items()
-              if f in kwargs}
+    params = {field.upper(): value
+              for field, value in {**vars(hp.VAEConfig()), **kwargs}.items()}
     with pytest.raises(hp.ConfigError, match=name):
         hp.check_parameters(params)
 
@@ -226,13 +237,16 @@ def test_the_committed_checkpoint_matches_the_model_code():
         value = hp.elbo(model, data.x_test, 4, hp.make_generator(7)).item()
     recorded = ckpt["history"]["test_elbo"][-1]
     assert abs(value - recorded) < 0.5
-    assert ckpt["results"]["test_elbo"] < ckpt["results"]["test_iwae"]
+    stored, _, source = hp.stored_elbo(ckpt, "test", model, data.x_test,
+                                       100, hp.make_generator(0))
+    assert source == "stored"
+    assert stored.mean().item() == pytest.approx(ckpt["results"]["test_elbo"])
 
 
 def test_top_half_and_masked_likelihood():
+    top_half = NB07["TOP_HALF"]
     x = torch.arange(784.0)
-    assert torch.equal(hp.top_half(x), x.reshape(28, 28)[:14])
-    assert int(hp.TOP_HALF.sum()) == 392
+    assert torch.equal(x[top_half], x.reshape(28, 28)[:14].flatten())
     model = hp.VAE(init_std=0.3)
     xb = (torch.rand(3, 784, generator=hp.make_generator(8)) < 0.2).float()
     z = torch.randn(5, 3, 2, generator=hp.make_generator(9))
@@ -241,8 +255,8 @@ def test_top_half_and_masked_likelihood():
         full = hp.log_likelihood(model, xb, z)
         torch.testing.assert_close(
             hp.log_likelihood(model, xb, z, everything), full)
-        top = hp.log_likelihood(model, xb, z, hp.TOP_HALF)
-        bottom = hp.log_likelihood(model, xb, z, ~hp.TOP_HALF)
+        top = hp.log_likelihood(model, xb, z, top_half)
+        bottom = hp.log_likelihood(model, xb, z, ~top_half)
     torch.testing.assert_close(top + bottom, full)   # pixels independent
 
 
@@ -262,12 +276,12 @@ def conjugate_problem(dtype=torch.float32):
 def test_svi_recovers_a_conjugate_gaussian_posterior(antithetic):
     s2, y, log_joint = conjugate_problem()
     g = hp.make_generator(10)
-    mu, logvar, hist = hp.svi(log_joint, torch.zeros(3, 2),
+    mu, logvar, hist = NB07["svi"](log_joint, torch.zeros(3, 2),
                               torch.zeros(3, 2), n_steps=1500,
                               n_samples=32, lr=0.03, generator=g,
                               antithetic=antithetic)
     # a second stage with a smaller step lets Adam's noise settle
-    mu, logvar, _ = hp.svi(log_joint, mu, logvar, n_steps=1000,
+    mu, logvar, _ = NB07["svi"](log_joint, mu, logvar, n_steps=1000,
                            n_samples=32, lr=0.003, generator=g,
                            antithetic=antithetic)
     torch.testing.assert_close(mu, y / (1 + s2), atol=0.02, rtol=0)
@@ -285,13 +299,13 @@ def test_antithetic_svi_draws_mirrored_pairs():
         seen.append(z.detach().clone())
         return hp.log_prior(z)
 
-    hp.svi(log_joint, mu0, logvar0, n_steps=1, n_samples=6,
+    NB07["svi"](log_joint, mu0, logvar0, n_steps=1, n_samples=6,
            generator=hp.make_generator(0), antithetic=True)
     z = seen[0]                                      # (6, 1, 2)
     torch.testing.assert_close(z[:3] + z[3:], 2 * mu0.expand(3, 1, 2))
     assert (z[:3] != z[3:]).all()
     with pytest.raises(hp.ConfigError, match="even number"):
-        hp.svi(log_joint, mu0, logvar0, n_steps=1, n_samples=5,
+        NB07["svi"](log_joint, mu0, logvar0, n_steps=1, n_samples=5,
                antithetic=True)
 
 
@@ -303,7 +317,7 @@ def test_quadrature_elbo_is_exact_for_a_quadratic_log_joint():
                       dtype=torch.float64)
     logvar = torch.tensor([[-1.0, 0.0], [-2.0, -1.5], [0.5, -3.0]],
                           dtype=torch.float64)
-    elbo, error = hp.gaussian_elbo_quadrature(log_joint, mu, logvar)
+    elbo, error = NB07["gaussian_elbo_quadrature"](log_joint, mu, logvar)
     log_py = hp.gaussian_log_pdf(
         y, torch.zeros_like(y), torch.full_like(y, math.log(1 + s2)))
     post_var = s2 / (1 + s2)
@@ -312,8 +326,6 @@ def test_quadrature_elbo_is_exact_for_a_quadratic_log_joint():
     kl = D.kl_divergence(q, post).sum(-1)
     torch.testing.assert_close(elbo, log_py - kl, atol=1e-9, rtol=0)
     assert error.max() < 1e-9
-    with pytest.raises(hp.ConfigError, match="n_nodes"):
-        hp.gaussian_elbo_quadrature(log_joint, mu, logvar, n_nodes=4)
 
 
 def test_quadrature_elbo_agrees_with_monte_carlo_for_a_vae():
@@ -325,54 +337,41 @@ def test_quadrature_elbo_agrees_with_monte_carlo_for_a_vae():
     x = hp.load_mnist(n_train=1, n_test=8, verbose=False).x_test
     with torch.no_grad():
         mu, logvar = model.encode(x)
-    log_joint = hp.vae_log_joint(model, x)
-    elbo, error = hp.gaussian_elbo_quadrature(log_joint, mu, logvar)
+    log_joint = functools.partial(hp.log_joint, model, x)
+    elbo, error = NB07["gaussian_elbo_quadrature"](log_joint, mu, logvar)
     with torch.no_grad():
         z = hp.gaussian_sample(mu, logvar, 20_000, hp.make_generator(12))
-        w = (log_joint(z) - hp.log_q(z, mu, logvar)).double()  # (K, 8)
+        w = (log_joint(z) - hp.gaussian_log_pdf(z, mu, logvar)).double()
     se = w.std(0) / math.sqrt(len(w))
     assert error.max() < 1e-4
     assert ((elbo - w.mean(0)).abs() < 4 * se).all()
 
 
-def test_posterior_box_decodes_part_of_the_grid_and_finds_the_same_box(
-        monkeypatch):
-    """The coarse pass must not change the box: the same as from the whole
-    grid, for the narrowest trained posteriors (0.02), the one spread
-    widest and two top halves."""
+def test_the_plot_window_holds_the_posterior_mass():
+    """plot_posterior's window (the tiles within 12 nats of the coarse
+    peak) holds all but 1e-4 of p(z|x) on the whole fine grid, for the
+    narrowest trained posteriors, the one spread widest and two top
+    halves."""
     config = hp.VAEConfig()
-    model, _ = hp.load_checkpoint(config, path=hp.DATA_DIR
-                                  / config.checkpoint_name())
+    model, _ = hp.load_checkpoint(config)
     x = hp.load_mnist(n_train=1, n_test=500, verbose=False).x_test
+    top_half = NB07["TOP_HALF"]
     with torch.no_grad():
-        log_px, _, cov = hp.posterior_moments(model, x)
-        log_top = hp.log_px_quadrature(model, x[:8], mask=hp.TOP_HALF)
+        _, _, cov = hp.log_px_quadrature(model, x, moments=True)
     sd = torch.linalg.eigvalsh(cov)[:, 0].sqrt()
-    narrowest = sd.argsort()[:2].tolist()
-    assert sd[narrowest[0]] < 0.021
-    widest = int(torch.linalg.det(cov).argmax())
-    cases = [(x[i], log_px[i].item(), None) for i in narrowest + [widest]]
-    cases += [(x[i], log_top[i].item(), hp.TOP_HALF) for i in (0, 7)]
-    decoded = []
-    real = hp.log_likelihood
-
-    def counting(model, x, z, mask=None):
-        decoded.append(len(z))
-        return real(model, x, z, mask)
-
-    monkeypatch.setattr(hp, "log_likelihood", counting)
-    for k, (xi, lp, mask) in enumerate(cases):
-        decoded.clear()
-        lo, hi = hp.posterior_box(model, xi, lp, mask)
-        assert sum(decoded) < 78_961 / 2
-        # the whole grid, decoded at once (as it was before the coarse
-        # pass) and through the fallback, when the coarse pass finds nothing
-        whole = [hp.posterior_box(model, xi, lp, mask, margin=math.inf)]
-        if k == 0:
-            whole.append(hp.posterior_box(model, xi, lp, mask,
-                                          margin=-math.inf))
-        for other in whole:
-            assert torch.equal(lo, other[0]) and torch.equal(hi, other[1])
+    cases = [(int(i), None) for i in sd.argsort()[:2]]
+    cases += [(int(torch.linalg.det(cov).argmax()), None), (0, top_half),
+              (7, top_half)]
+    for i, mask in cases:
+        plan = hp.plan_grid(model, x[i][None], mask=mask, drop=12.0)
+        low, high = hp.tile_box(plan, plan.tiles[0])
+        points = hp.grid_points(plan.lim, plan.spacing)
+        with torch.no_grad():
+            w = torch.softmax(hp.log_joint(model, x[i], points, mask)
+                              .double(), 0)
+        inside = ((points >= low) & (points <= high)).all(1)
+        assert w[~inside].sum() < 1e-4, (i, mask is None)
+        assert (high - low).max() < 2 * plan.lim   # and is not the grid
 
 
 def test_kl_on_the_grid_equals_log_px_minus_elbo():
@@ -380,14 +379,14 @@ def test_kl_on_the_grid_equals_log_px_minus_elbo():
     torch.manual_seed(1)
     model = hp.VAE(init_std=0.3)
     x = data.x_test[0]
-    log_px, mean, cov = hp.posterior_moments(model, x[None])
+    log_px, mean, cov = hp.log_px_quadrature(model, x[None], moments=True)
     # a Gaussian near the posterior, so that the Monte Carlo check is sharp
     mu = mean[0].float() + 0.1
     logvar = torch.log(cov[0].diagonal()).float()
-    kl = hp.kl_q_posterior_grid(model, x, mu, logvar, log_px[0].item())
+    kl = NB07["kl_q_posterior_grid"](model, x, mu, logvar, log_px[0].item())
     with torch.no_grad():
         z = hp.gaussian_sample(mu, logvar, 200_000, hp.make_generator(11))
-        w = (hp.vae_log_joint(model, x)(z) - hp.log_q(z, mu, logvar))
+        w = hp.log_joint(model, x, z) - hp.gaussian_log_pdf(z, mu, logvar)
     w = w.double()
     gap = log_px[0].item() - w.mean().item()
     se = w.std().item() / math.sqrt(len(w))
@@ -395,38 +394,72 @@ def test_kl_on_the_grid_equals_log_px_minus_elbo():
     assert abs(gap - kl) < 4 * se + 1e-3
 
 
-def test_perturbation_is_one_part_in_a_million_and_the_same_every_time(
-        monkeypatch):
-    base = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
-    first = hp.perturb_weights(copy.deepcopy(base), seed=1)
-    again = hp.perturb_weights(copy.deepcopy(base), seed=1)
-    other = hp.perturb_weights(copy.deepcopy(base), seed=2)
-    for p0, p1, p2, p3 in zip(base.parameters(), first.parameters(),
-                              again.parameters(), other.parameters()):
+def jittered(seed, build):
+    """The parameters of build() after its first run under the hook."""
+    handle = hp._perturb_on_first_use(seed)
+    try:
+        torch.manual_seed(0)
+        model = build()
+        with torch.no_grad():
+            model.decode(torch.zeros(1, model.latent_dim))
+            model.encode(torch.zeros(1, 5))
+            model.decode(torch.zeros(1, model.latent_dim))  # only once
+    finally:
+        handle.remove()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_perturbation_is_one_part_in_a_million_and_the_same_every_time():
+    def build():
+        return hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5, init_std=0.5)
+
+    torch.manual_seed(0)
+    base = [p.detach().clone() for p in build().parameters()]
+    first, again, other = jittered(1, build), jittered(1, build), \
+        jittered(2, build)
+    for p0, p1, p2, p3 in zip(base, first, again, other):
         assert torch.equal(p1, p2)
         nonzero = p0 != 0
-        rel = (p1[nonzero] / p0[nonzero] - 1).double()
-        if rel.numel() == 0:   # the biases start at 0 and stay there
+        if not nonzero.any():    # the biases start at 0 and stay there
             continue
-        if rel.numel() > 20:   # jitter of the stated size, not zero
+        rel = (p1[nonzero] / p0[nonzero] - 1).double()
+        if rel.numel() > 20:     # jitter of the stated size, not zero
             assert 0.5e-6 < rel.std() < 2e-6
-        assert rel.abs().max() < 1e-5
+        assert 0 < rel.abs().max() < 1e-5
         assert not torch.equal(p1[nonzero], p3[nonzero])
-    monkeypatch.setenv(hp.PERTURB_ENV, "1")
-    torch.manual_seed(0)
-    jittered = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
-    torch.manual_seed(0)
-    monkeypatch.delenv(hp.PERTURB_ENV)
-    plain = hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
-    expected = hp.perturb_weights(plain, seed=1)
-    for a, b in zip(jittered.parameters(), expected.parameters()):
-        assert torch.equal(a, b)
 
 
-def test_a_bad_perturbation_seed_is_one_sentence(monkeypatch):
-    monkeypatch.setenv(hp.PERTURB_ENV, "yes")
-    with pytest.raises(hp.ConfigError, match="not a whole number"):
-        hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5)
+def test_a_bad_perturbation_seed_is_one_sentence():
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import helpers"],
+                          capture_output=True, text=True,
+                          env={**os.environ, "VAE_PERTURB": "yes"})
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("helpers.ConfigError: VAE_PERTURB='yes' is not a "
+                           "whole number")
+
+
+def test_the_log_likelihood_is_linear_in_the_image():
+    """log p(x|z) = x . l(z) + log p(0|z): the identity the grid rests on."""
+    torch.manual_seed(3)
+    model = hp.VAE(init_std=0.5).double()
+    x = (torch.rand(6, 784, generator=hp.make_generator(4)) < 0.3).double()
+    z = torch.randn(9, 2, generator=hp.make_generator(5), dtype=torch.float64)
+    with torch.no_grad():
+        logits = model.decode(z)                               # (9, 784)
+        direct = hp.log_likelihood(model, x[:, None], z[None])  # (6, 9)
+        linear = x @ logits.T + hp.log_p_x_given_zero(logits)
+    torch.testing.assert_close(direct, linear, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("lim,spacing", [(4.0, 0.3), (4.0, -0.1), (0, 0.1)])
+def test_a_grid_that_cannot_be_laid_out_is_refused(lim, spacing):
+    with pytest.raises(hp.ConfigError, match="divides"):
+        hp.grid_axis(lim, spacing)
 
 
 def test_fast_quadrature_equals_the_plain_sum_with_moments():
@@ -449,7 +482,7 @@ def test_fast_quadrature_equals_the_plain_sum_with_moments():
     c = torch.einsum("ng,nga,ngb->nab", w, d, d)
     torch.testing.assert_close(mean, m, atol=1e-5, rtol=0)
     torch.testing.assert_close(cov, c, atol=1e-5, rtol=1e-4)
-    assert plan.mean_share() < 0.5              # it did skip most points
+    assert plan.tiles.double().mean() < 0.5     # it did skip most points
 
 
 class FarPosterior(torch.nn.Module):

@@ -19,6 +19,13 @@ import run_series
     (["-p", "NO_SUCH=1"], "no selected notebook has a parameter NO_SUCH"),
     (["-p", "EPOCHS"], "is not NAME=VALUE"),
     (["--refresh", "-p", "EPOCHS=5"], "drop the overrides"),
+    (["--only", "04", "-p", "GRID_SPACING=-0.1"], "GRID_SPACING must be"),
+    (["--only", "04", "-p", "GRID_SPACING=0.03"], "must divide"),
+    (["--only", "08", "-p", "M=0"], "M must be"),
+    (["--only", "08", "-p", "K_VALUES=[1,0]"], "K_VALUES must be"),
+    (["--only", "07", "-p", "SVI_LR=-1"], "SVI_LR must be"),
+    (["--only", "04", "-p", "MIXTURE_SIZES=5"], "MIXTURE_SIZES must be"),
+    (["--only", "04", "-p", "N_CHECK=20000"], "N_CHECK=20000 cannot exceed"),
 ])
 def test_bad_input_stops_before_any_notebook_runs(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -54,6 +61,7 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path, monkeypatch,
 SMOKE = ["-p", "EPOCHS=3", "-p", "SEED=1", "-p", "N_TRAIN=1000",
          "-p", "N_TEST=500", "-p", "N_SAMPLES=20000", "-p", "N_REPEATS=50",
          "-p", "PRIOR_SAMPLES=16384", "-p", "N_CHECK=200", "-p", "N_CURVE=5",
+         "-p", "N_IWAE=200",
          "-p", "MIXTURE_SIZES=[5,20]", "-p", "N_FRANKEN=100",
          "-p", "SVI_STEPS=50", "-p", "N_GAP=20", "-p", "GAP_STEPS=30",
          "-p", "N_REPS=100", "-p", "N_REPS_K=50"]
@@ -65,7 +73,7 @@ def test_smoke_run_of_the_whole_series_in_another_configuration(tmp_path):
     committed = {p: p.stat().st_mtime_ns for p in hp.DATA_DIR.glob("*.*")}
     code = run_series.main(["--out", str(out), *SMOKE])
     assert code == 0
-    config = hp.VAEConfig(n_epochs=3, n_train=1000, seed=1)
+    config = hp.VAEConfig(epochs=3, n_train=1000, seed=1)
     assert (out / "checkpoints" / config.checkpoint_name()).is_file()
     assert not (hp.DATA_DIR / config.checkpoint_name()).exists()
     assert committed == {p: p.stat().st_mtime_ns
