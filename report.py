@@ -33,6 +33,8 @@ RESULTS = [
     ("train_log_px_quadrature", "train log p(x), quadrature", "04",
      "{:.2f}"),
     ("test_log_px_quadrature", "test log p(x), quadrature", "04", "{:.2f}"),
+    ("test_iwae", "test IWAE bound (K = 100), 2,000 random test images",
+     "04", "{:.2f}"),
     ("test_iwae_gap", "test log p(x) - IWAE bound (K = 100), 2,000 random "
      "test images", "04", "{:.2f}"),
     ("test_log_px_prior_mc",
@@ -78,6 +80,7 @@ def prune_metrics(metrics_path: Path) -> list[str]:
     dropped."""
     record = json.loads(metrics_path.read_text())
     keep = {key for key, *_ in RESULTS} | {f"{key}_se" for key, *_ in RESULTS}
+    keep.add("seeds")   # the seed sweep's numbers (run_series.py)
     stale = sorted(set(record) - keep)
     if stale:
         text = json.dumps({k: v for k, v in record.items() if k in keep},
@@ -86,18 +89,44 @@ def prune_metrics(metrics_path: Path) -> list[str]:
     return stale
 
 
+def seeds_table(seeds: dict) -> list[str]:
+    """The seed sweep's numbers as Markdown rows: one per seed, then the
+    mean and standard deviation over the seeds."""
+    names = list(next(iter(seeds.values())))
+    lines = ["| seed | " + " | ".join(names) + " |",
+             "|---|" + "---|" * len(names)]
+    for seed, row in seeds.items():
+        lines.append(f"| {seed} | " + " | ".join(
+            f"{row[n]:.2f}" if n in row else "" for n in names) + " |")
+    cells = []
+    for n in names:
+        vals = [row[n] for row in seeds.values() if n in row]
+        mean = sum(vals) / len(vals)
+        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 \
+            if len(vals) > 1 else float("nan")
+        cells.append(f"{mean:.2f} ± {sd:.2f}")
+    lines.append(f"| mean ± sd of {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def update_readme(metrics_path: Path) -> None:
-    """Rewrite the results table between the markers of README.md."""
+    """Rewrite the tables between the markers of README.md: the headline
+    results and the seed sweep's numbers."""
     readme = hp.ROOT / "README.md"
     text = readme.read_text()
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
-    if start not in text or end not in text:
-        return
-    rows = results_rows(json.loads(metrics_path.read_text()))
-    table = "\n".join(["| result | value |", "|---|---|"]
-                      + [f"| {label} | {value} |" for label, value in rows])
-    head, rest = text.split(start, 1)
-    readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    metrics = json.loads(metrics_path.read_text())
+    rows = results_rows(metrics)
+    tables = {"results": ["| result | value |", "|---|---|"]
+              + [f"| {label} | {value} |" for label, value in rows]}
+    if metrics.get("seeds"):
+        tables["seeds"] = seeds_table(metrics["seeds"])
+    for name, lines in tables.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = (f"{head}{start}\n" + "\n".join(lines)
+                    + f"\n{end}{rest.split(end, 1)[1]}")
+    readme.write_text(text)
 
 
 def title_and_blurb(nb) -> tuple[str, str]:

@@ -42,6 +42,31 @@ def test_fallback_conversion_is_read_back_exactly_by_torchvision(tmp_path):
                                   (parts[2][0] * 256).astype(np.uint8))
 
 
+def test_our_idx_reader_reads_what_torchvision_reads(tmp_path):
+    blob, _ = fake_mnist_pickle()
+    raw = hp._mnist_pickle_to_raw(blob, tmp_path)
+    for train, split in ((True, "train"), (False, "t10k")):
+        ref = MNIST(str(tmp_path), train=train)
+        assert torch.equal(hp.read_idx(raw / f"{split}-images-idx3-ubyte"),
+                           ref.data)
+        assert torch.equal(hp.read_idx(raw / f"{split}-labels-idx1-ubyte")
+                           .long(), ref.targets)
+    (tmp_path / "not_idx").write_bytes(b"\x00\x00\x0d\x01" + bytes(8))
+    with pytest.raises(ValueError, match="not an IDX file"):
+        hp.read_idx(tmp_path / "not_idx")
+
+
+@pytest.mark.parametrize("n,nrow,pad", [(32, 8, 2), (5, 8, 2), (10, 3, 1),
+                                        (1, 4, 0)])
+def test_tiling_matches_torchvisions_make_grid(n, nrow, pad):
+    from torchvision.utils import make_grid
+
+    x = torch.rand(n, 784, generator=hp.make_generator(n))
+    ref = make_grid(x.reshape(n, 1, 28, 28), nrow=nrow, padding=pad,
+                    pad_value=0.25)[0].numpy()
+    np.testing.assert_array_equal(hp.tile_images(x, nrow, pad), ref)
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("echo this must never run",))

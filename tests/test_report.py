@@ -74,6 +74,21 @@ def test_the_readme_table_is_the_metrics_file():
         "<!-- results:end -->")[0]
     for label, value in report.results_rows(metrics):
         assert f"| {label} | {value} |" in table
+    if "seeds" in metrics:
+        seeds = readme.split("<!-- seeds:start -->")[1].split(
+            "<!-- seeds:end -->")[0]
+        assert seeds.strip().splitlines() == report.seeds_table(
+            metrics["seeds"])
+
+
+def test_the_seed_table_has_each_seed_and_their_mean_and_sd():
+    import report
+
+    lines = report.seeds_table({"0": {"test ELBO": -150.0, "gap": 1.0},
+                                "1": {"test ELBO": -152.0, "gap": 3.0}})
+    assert lines[0] == "| seed | test ELBO | gap |"
+    assert lines[2] == "| 0 | -150.00 | 1.00 |"
+    assert lines[4] == "| mean ± sd of 2 | -151.00 ± 1.41 | 2.00 ± 1.41 |"
 
 
 def test_html_report_renders_offline(tmp_path):
