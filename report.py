@@ -16,6 +16,7 @@ import argparse
 import html
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import helpers as hp
@@ -101,10 +102,8 @@ def seeds_table(seeds: dict) -> list[str]:
     cells = []
     for n in names:
         vals = [row[n] for row in seeds.values() if n in row]
-        mean = sum(vals) / len(vals)
-        sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 \
-            if len(vals) > 1 else float("nan")
-        cells.append(f"{mean:.2f} ± {sd:.2f}")
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        cells.append(f"{statistics.mean(vals):.2f} ± {sd:.2f}")
     lines.append(f"| mean ± sd of {len(seeds)} | " + " | ".join(cells) + " |")
     return lines
 

@@ -132,9 +132,11 @@ def name_value(item: str, what: str) -> tuple[str, str]:
     return name, value
 
 
-def check_overrides(args, paths: list[Path]) -> list[dict]:
+def check_overrides(args, paths: list[Path]
+                    ) -> tuple[list[dict], dict, list[str]]:
     """Parse and validate every override, for every configuration of a
-    sweep, before any notebook runs; the configurations' overrides."""
+    sweep, before any notebook runs; the configurations' overrides, the
+    notebooks' defaults and the swept names."""
     base = {}
     for item in args.param:
         name, value = name_value(item, "parameter")
@@ -185,7 +187,7 @@ def check_overrides(args, paths: list[Path]) -> list[dict]:
             where = "" if not axes else \
                 f" (in the sweep's run {label(overrides, axes)})"
             raise SystemExit(f"error: {err}{where}") from None
-    return configs, known
+    return configs, known, list(axes)
 
 
 def check_folder(out: Path, overrides: dict) -> None:
@@ -510,8 +512,7 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = select(args.only)
-    configs, defaults = check_overrides(args, paths)
-    axes = [name_value(item, "sweep")[0] for item in args.sweep]
+    configs, defaults, axes = check_overrides(args, paths)
     base = Path(args.out).resolve()
     folders = [base / label(c, axes) if axes else base for c in configs]
     total = time.perf_counter()
