@@ -51,20 +51,25 @@ class MNISTData(NamedTuple):  # binarised (N, 784), labels, grey to show
     x_test: torch.Tensor
     y_test: torch.Tensor
     raw_train: torch.Tensor
+    x_heldout: torch.Tensor  # the next n_test training images, held out
+    y_heldout: torch.Tensor
 
 
 def load_mnist(n_train: int = 10_000, n_test: int = 10_000,
                verbose: bool = True) -> MNISTData:
-    """The first n_train training and n_test test images of MNIST."""
+    """The first n_train training and n_test test images; n_test held out."""
     hp.check_parameters({"N_TRAIN": n_train, "N_TEST": n_test})
     raw = hp.ensure_mnist(verbose=verbose)
     images, labels = ({split: read_idx(raw / f"{split}-{kind}-idx{d}-ubyte")
                        for split in ("train", "t10k")}
                       for kind, d in (("images", 3), ("labels", 1)))
     pixels = images["train"][:n_train].clone()
+    held = slice(n_train, n_train + n_test)  # fewer near the end
     return MNISTData(binarise(pixels), labels["train"][:n_train].long(),
                      binarise(images["t10k"][:n_test]),
-                     labels["t10k"][:n_test].long(), pixels)
+                     labels["t10k"][:n_test].long(), pixels,
+                     binarise(images["train"][held]),
+                     labels["train"][held].long())
 
 
 # --- from 01_distributions.ipynb, "Looking at digits" ------------------------
@@ -78,8 +83,7 @@ def to_image(x: torch.Tensor) -> torch.Tensor:
 
 def tile_images(x: torch.Tensor, nrow: int, pad: int = 2,
                 pad_value: float = 0.25) -> np.ndarray:
-    """Images (N, 784) or (N, 28, 28) in [0, 1], nrow to a row, as one
-    2-D array."""
+    """Images (N, 784) or (N, 28, 28) in [0, 1] as one 2-D array, nrow a row."""
     imgs = (x if x.dim() == 3 else to_image(x)).detach().float().numpy()
     cols, rows = min(nrow, len(imgs)), -(-len(imgs) // nrow)  # rounded up
     h, w = imgs.shape[1] + pad, imgs.shape[2] + pad  # an image, its border
@@ -117,8 +121,7 @@ def check(claim: str, ok: bool, detail: str = "") -> None:
 
 def check_close(claim: str, ours, ref, atol: float = 0.0,
                 rtol: float = 0.0) -> None:
-    """Check |ours - ref| <= atol + rtol |ref| everywhere (equal
-    infinities agree)."""
+    """Check |ours - ref| <= atol + rtol |ref| (equal infinities agree)."""
     ours, ref = torch.as_tensor(ours), torch.as_tensor(ref)
     if ours.shape != ref.shape:
         raise ValueError(f"check_close: shapes differ, {tuple(ours.shape)}"
@@ -134,8 +137,7 @@ def check_close(claim: str, ours, ref, atol: float = 0.0,
 
 def check_estimate(claim: str, estimate: float, truth: float, se: float,
                    n_se: float = 4.0) -> None:
-    """Check that an estimate lies within n_se standard errors of the
-    truth; both are printed to the standard error's first digit."""
+    """Check |estimate - truth| <= n_se standard errors; print to se's digit."""
     z = (estimate - truth) / se
     places = max(1, -math.floor(math.log10(se)))
     check(claim, abs(z) <= n_se,
@@ -149,9 +151,8 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 def _check_params(fn: str, **tensors) -> torch.Size:
     """The broadcast shape of the arguments, or a one-sentence error."""
-    def shapes():  # built only when there is something to say
-        return ", ".join(f"{k} {tuple(getattr(v, 'shape', type(v)))}"
-                         for k, v in tensors.items())
+    shapes = lambda: ", ".join(f"{k} {tuple(getattr(v, 'shape', type(v)))}"
+                               for k, v in tensors.items())
     if not all(isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[-1]
                for t in tensors.values()):
         raise ValueError(f"{fn}: every argument must be a tensor with a last"
@@ -167,8 +168,7 @@ def gaussian_sample(mu: torch.Tensor, logvar: torch.Tensor,
                     n_samples: int | None = None,
                     generator: torch.Generator | None = None
                     ) -> torch.Tensor:
-    """z = mu + exp(logvar / 2) * eps with eps from randn: shape
-    (n_samples, ...) or the broadcast shape of mu and logvar."""
+    """mu + exp(logvar / 2) * randn, shape (n_samples, *broadcast shape)."""
     shape = _check_params("gaussian_sample", mu=mu, logvar=logvar)
     if n_samples is not None:
         shape = (n_samples, *shape)
@@ -249,8 +249,7 @@ def output_paths(output_dir: str | os.PathLike | None = None) -> Outputs:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp) on a temporary file beside path, then rename it
-    over path in one step."""
+    """write(tmp) to a temporary file beside path, then rename it onto path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".",
@@ -304,8 +303,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _mnist_pickle_to_raw(pickle_gz: bytes, root: Path = DATA_DIR) -> Path:
-    """Write the classic mnist.pkl.gz (its pixels are uint8 / 256) as
-    torchvision's four IDX files in root/MNIST/raw, all or none."""
+    """mnist.pkl.gz (pixels uint8/256) as the four IDX files, all or none."""
     with gzip.open(io.BytesIO(pickle_gz)) as fh:
         (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = \
             _NumpyOnlyUnpickler(fh, encoding="latin1").load()
@@ -410,7 +408,8 @@ PARAMETERS = {
     **dict.fromkeys(["N_ROWS", "N_GRID", "N_STEPS", "N_COMPLETIONS"],
                     ("whole", 2, 100)),
     **dict.fromkeys(["PRIOR_SAMPLES", "N_CHECK", "N_CURVE", "N_NEIGHBOURS",
-                     "SVI_STEPS", "N_GAP", "GAP_STEPS", "N_BASELINE"],
+                     "SVI_STEPS", "N_GAP", "NEWTON_STEPS", "N_BASELINE",
+                     "N_REFINE"],
                     ("whole", 1, None)),
     **dict.fromkeys(["N_SAMPLES", "N_REPEATS", "ELBO_SAMPLES", "N_IWAE",
                      "N_FRANKEN", "SVI_SAMPLES", "M", "N_REPS", "N_REPS_K",
@@ -418,12 +417,12 @@ PARAMETERS = {
 }
 _AT_MOST = [("BATCH_SIZE", "N_TRAIN"), ("M", "N_TRAIN"),  # (a, b): a <= b
             ("N_CHECK", "N_TEST"), ("N_IWAE", "N_TEST"), ("N_GAP", "N_TEST"),
-            ("N_FRANKEN", "N_TEST"), ("N_CURVE", "N_TEST")]
+            ("N_REFINE", "N_GAP"), ("N_FRANKEN", "N_TEST"),
+            ("N_CURVE", "N_TEST")]
 
 
 def check_parameters(params: dict) -> None:
-    """Refuse, in one sentence, the first series parameter in params that
-    breaks its rule; names without a rule are left alone."""
+    """Refuse, in one sentence, the first parameter that breaks its rule."""
     for name, (kind, low, high) in PARAMETERS.items():
         if name not in params:
             continue
@@ -472,8 +471,7 @@ class VAE(torch.nn.Module):
         self.dec_hidden = torch.nn.Linear(latent_dim, hidden_dim)    # W1
         self.dec_out = torch.nn.Linear(hidden_dim, n_pixels)         # W2
         with torch.no_grad():
-            for layer in (self.enc_hidden, self.enc_out, self.dec_hidden,
-                          self.dec_out):
+            for layer in self.children():
                 layer.weight.normal_(0.0, init_std)
                 layer.bias.zero_()
 
@@ -574,8 +572,7 @@ def train_epoch(model: hp.VAE, optimizer: torch.optim.Optimizer,
 @torch.no_grad()
 def evaluate_elbo(model: hp.VAE, x: torch.Tensor, n_samples: int,
                   generator: torch.Generator, rows: int = 8_192):
-    """Each image's ELBO from K samples, and its standard error: two (N,)
-    float64 tensors (about `rows` decoder calls at a time)."""
+    """Each image's ELBO from K samples and its standard error, (N,) each."""
     values, errors = [], []
     for xb in x.split(max(1, rows // n_samples)):
         w = hp.log_weights(model, xb, n_samples, generator).double()
@@ -725,9 +722,8 @@ def plan_grid(model: hp.VAE, x: torch.Tensor, spacing: float = 0.05,
               lim: float = 7.0, drop: float = 30.0, edge: float = 1e-9,
               mask: torch.Tensor | None = None, chunk: int = 1024,
               max_lim: float = 51.0) -> GridPlan:
-    """Score every image on the coarse grid; keep the tiles within drop
-    nats of its best point; widen the square by 2 until the outer ring
-    holds less than edge of any image's mass."""
+    """Keep each image's tiles within drop nats of its best coarse point;
+    widen the square by 2 until its rim holds < edge of any image's mass."""
     xs = x if mask is None else x[:, mask]
     while True:
         axis = grid_axis(lim, spacing)[::_TILE]
@@ -766,8 +762,7 @@ def plan_grid(model: hp.VAE, x: torch.Tensor, spacing: float = 0.05,
 
 def _tile_points(plan: GridPlan, used: torch.Tensor,
                  offset: tuple[float, float] = (0.0, 0.0)):
-    """The fine points of the tiles numbered used (flat indices):
-    (U, _TILE^2, 2), and which of them lie on the grid, (U, _TILE^2)."""
+    """Points (U, _TILE^2, 2) of the tiles used, and which are on the grid."""
     axis = grid_axis(plan.lim, plan.spacing)
     side, n_tiles = len(axis), plan.tiles.shape[1]
     j = torch.arange(n_tiles * _TILE).reshape(n_tiles, _TILE)
@@ -800,12 +795,11 @@ def _morton(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def integrate_posteriors(model: hp.VAE, x: torch.Tensor, plan: GridPlan,
-                         offset: tuple[float, float] = (0.0, 0.0),
-                         mask: torch.Tensor | None = None,
-                         moments: bool = False, chunk: int = 64):
-    """log p(x) of every image on its plan's tiles, (N,) float64; with
-    moments also the posterior means (N, 2) and covariances (N, 2, 2)."""
+def posterior_tables(model: hp.VAE, x: torch.Tensor, plan: GridPlan,
+                     offset: tuple[float, float] = (0.0, 0.0),
+                     mask: torch.Tensor | None = None, chunk: int = 64):
+    """Per chunk of images with nearby posteriors: their indices (m,), the
+    points of their tiles (P, 2), log p(x, z) there (m, P; -inf off grid)."""
     if len(x) != len(plan.tiles):
         raise ValueError(f"the plan is for {len(plan.tiles)} images, "
                          f"got {len(x)}")
@@ -823,18 +817,26 @@ def integrate_posteriors(model: hp.VAE, x: torch.Tensor, plan: GridPlan,
     xs = x if mask is None else x[:, mask]
     order = torch.sort(_morton(plan.peak[:, 0], plan.peak[:, 1]),
                        stable=True).indices
-    log_px = torch.empty(n, dtype=torch.float64)
-    mean, cov = log_px.new_empty(n, 2), log_px.new_empty(n, 2, 2)
     for idx in order.split(chunk):
         mine = slot[plan.tiles[idx].reshape(len(idx), -1).any(0)]  # (k,)
         lt = logits[mine].reshape(-1, logits.shape[-1]).T       # (D, P)
-        lj = torch.addmm(base[mine].flatten(), xs[idx], lt)     # (m, P)
+        yield idx, z[mine].reshape(-1, 2), torch.addmm(
+            base[mine].flatten(), xs[idx], lt)
+
+
+def integrate_posteriors(model: hp.VAE, x: torch.Tensor, plan: GridPlan,
+                         offset: tuple[float, float] = (0.0, 0.0),
+                         mask: torch.Tensor | None = None,
+                         moments: bool = False, chunk: int = 64):
+    """log p(x) (N,) on the plan's tiles [, posterior means, covariances]."""
+    log_px = torch.empty(len(x), dtype=torch.float64)
+    mean, cov = log_px.new_empty(len(x), 2), log_px.new_empty(len(x), 2, 2)
+    for idx, zs, lj in posterior_tables(model, x, plan, offset, mask, chunk):
         lse = logsumexp(lj, dim=1, keepdim=True)                # (m, 1)
         log_px[idx] = lse[:, 0].double() + 2 * math.log(plan.spacing)
         if moments:  # in float64, about a point among these posteriors
-            w = torch.exp(lj - lse).double()                    # (m, P)
-            w = w / w.sum(1, keepdim=True)
-            zs = z[mine].reshape(-1, 2).double()
+            w = torch.softmax(lj.double(), dim=1)              # (m, P)
+            zs = zs.double()
             d = zs - zs.mean(0)                                 # (P, 2)
             m1 = w @ d                                          # (m, 2)
             m2 = (w @ (d[:, :, None] * d[:, None, :]).reshape(-1, 4))
@@ -854,8 +856,7 @@ def log_px_quadrature(model: hp.VAE, x: torch.Tensor, lim: float = 7.0,
 
 # --- from 04_log_likelihood.ipynb, "8. Where the gap is, image by image" -----
 def _hdr_levels(density: torch.Tensor, masses=(0.99, 0.9, 0.5)):
-    """Density heights whose upper sets hold the given shares of the
-    window's mass, in increasing order."""
+    """Heights above which the density holds each share of its mass."""
     flat = density.flatten().sort(descending=True).values
     share = flat.cumsum(0) / flat.sum()
     return sorted({flat[min(int((share < m).sum()), len(flat) - 1)].item()
@@ -891,8 +892,7 @@ def plot_posterior(ax, model: hp.VAE, x: torch.Tensor, mu=None,
 
 # --- from 07_posterior_inference.ipynb, "1. The true posterior beside..." ----
 def q_window(mu: torch.Tensor, logvar: torch.Tensor, n: int, width: float):
-    """An n x n grid spanning width of q's standard deviations either side
-    of its mean, as (n*n, 2) points, and the area of one cell."""
+    """(n*n, 2) points within width sds of q's mean, and a cell's area."""
     mu, sd = mu.detach(), torch.exp(0.5 * logvar.detach())
     a0 = torch.linspace(-width, width, n) * sd[0] + mu[0]
     a1 = torch.linspace(-width, width, n) * sd[1] + mu[1]

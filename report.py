@@ -47,10 +47,20 @@ RESULTS = [
     ("mixture_test_log_px", "test log p(x), Bernoulli mixture", "04",
      "{:.2f}"),
     ("frankenstein_auc", "AUC, natural vs spliced digits", "04", "{:.3f}"),
-    ("approximation_gap", "approximation gap, 300 test images", "07",
-     "{:.2f}"),
-    ("amortization_gap", "amortisation gap, 300 test images", "07",
-     "{:.2f}"),
+    ("elbo_heldout", "held-out ELBO, K = 100 (training images 10,001 to "
+     "20,000, never trained on)", "04", "{:.2f}"),
+    ("log_px_heldout", "held-out log p(x), quadrature", "04", "{:.2f}"),
+    ("approximation_gap", "approximation gap, 300 random test images, mean",
+     "07", "{:.2f}"),
+    ("amortization_gap_train", "amortisation gap, 300 random training "
+     "images, mean", "07", "{:.2f}"),
+    ("amortization_gap_heldout", "amortisation gap, 300 random held-out "
+     "images, mean", "07", "{:.2f}"),
+    ("amortization_gap", "amortisation gap, 300 random test images, mean",
+     "07", "{:.2f}"),
+    ("amortization_gap_median", "same, median", "07", "{:.2f}"),
+    ("refine_share_closed_100", "share of that gap closed by 100 SVI steps "
+     "from the encoder's q, 100 test images", "07", "{:.0%}"),
     ("grad_variance_ratio_sf",
      "gradient variance, score function / reparam.", "08", "{:,.0f}"),
     ("grad_variance_ratio_sf_baseline",
@@ -69,18 +79,26 @@ RESULTS = [
 
 
 def results_rows(metrics: dict):
-    """(label, formatted value) of each headline result in the record."""
+    """(label, formatted value) of each headline result in the record,
+    with its standard error (KEY_se) or 95% interval (KEY_lo, KEY_hi)."""
     for key, label, owner, fmt in RESULTS:
         if key in metrics:
-            yield f"{label} ({owner})", fmt.format(metrics[key])
+            value = fmt.format(metrics[key])
+            if f"{key}_se" in metrics:
+                value += " ± " + fmt.format(metrics[f"{key}_se"])
+            if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+                value += (f" [{fmt.format(metrics[key + '_lo'])}, "
+                          f"{fmt.format(metrics[key + '_hi'])}]")
+            yield f"{label} ({owner})", value
 
 
 def prune_metrics(metrics_path: Path) -> list[str]:
     """Drop from the record the keys that are no headline result (nor a
-    result's standard error, KEY_se), left by earlier versions; the keys
-    dropped."""
+    result's standard error, KEY_se, or interval, KEY_lo and KEY_hi), left
+    by earlier versions; the keys dropped."""
     record = json.loads(metrics_path.read_text())
-    keep = {key for key, *_ in RESULTS} | {f"{key}_se" for key, *_ in RESULTS}
+    keep = {f"{key}{end}" for key, *_ in RESULTS
+            for end in ("", "_se", "_lo", "_hi")}
     keep.add("seeds")   # the seed sweep's numbers (run_series.py)
     stale = sorted(set(record) - keep)
     if stale:

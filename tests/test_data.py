@@ -112,6 +112,13 @@ def test_loaded_data_is_binarised_mnist(mnist):
     assert set(mnist.y_test.tolist()) == set(range(10))
     expected = (mnist.raw_train.reshape(-1, 784).float() / 255 > 0.5)
     assert torch.equal(mnist.x_train, expected.float())
+    # the held-out set is the next 10,000 training images, none trained on
+    assert mnist.x_heldout.shape == (10_000, 784)
+    late = hp.load_mnist(n_train=20_000, n_test=1, verbose=False)
+    assert torch.equal(late.x_train[10_000:], mnist.x_heldout)
+    assert torch.equal(late.y_train[10_000:], mnist.y_heldout)
+    assert len(hp.load_mnist(n_train=59_995, n_test=10,
+                             verbose=False).x_heldout) == 5
     # the threshold sits between 127 and 128
     assert torch.equal(hp.binarise(torch.tensor([[127, 128]],
                                                 dtype=torch.uint8)),

@@ -276,12 +276,12 @@ def conjugate_problem(dtype=torch.float32):
 def test_svi_recovers_a_conjugate_gaussian_posterior(antithetic):
     s2, y, log_joint = conjugate_problem()
     g = hp.make_generator(10)
-    mu, logvar, hist = NB07["svi"](log_joint, torch.zeros(3, 2),
+    mu, logvar, hist, _ = NB07["svi"](log_joint, torch.zeros(3, 2),
                               torch.zeros(3, 2), n_steps=1500,
                               n_samples=32, lr=0.03, generator=g,
                               antithetic=antithetic)
     # a second stage with a smaller step lets Adam's noise settle
-    mu, logvar, _ = NB07["svi"](log_joint, mu, logvar, n_steps=1000,
+    mu, logvar, _, _ = NB07["svi"](log_joint, mu, logvar, n_steps=1000,
                            n_samples=32, lr=0.003, generator=g,
                            antithetic=antithetic)
     torch.testing.assert_close(mu, y / (1 + s2), atol=0.02, rtol=0)
@@ -505,3 +505,23 @@ def test_the_grid_grows_until_no_posterior_reaches_its_edge():
     exact = (torch.logsumexp(lf, 0) + math.log(z1[1] - z1[0])
              - 0.5 * math.log(2 * math.pi))
     assert abs(log_px.item() - exact.item()) < 1e-3
+
+
+def test_posterior_tables_hold_each_images_log_joint():
+    # every image of a chunk is tabled at the points of its chunk, with
+    # the value hp.log_joint gives there; summed, they are log p(x)
+    data = hp.load_mnist(n_train=1, n_test=40, verbose=False)
+    model = hp.VAE()
+    torch.manual_seed(3)
+    model.dec_out.weight.data.normal_(0, 0.3)
+    plan = hp.plan_grid(model, data.x_test, 0.1, 5.0)
+    log_px = hp.integrate_posteriors(model, data.x_test, plan)
+    seen = torch.zeros(40, dtype=torch.bool)
+    for idx, z, lj in hp.posterior_tables(model, data.x_test, plan, chunk=8):
+        seen[idx] = True
+        on = torch.isfinite(lj[0])
+        direct = hp.log_joint(model, data.x_test[idx][:, None], z[on][None])
+        assert torch.allclose(lj[:, on], direct, atol=1e-3)
+        total = hp.logsumexp(lj, dim=1).double() + 2 * math.log(0.1)
+        assert torch.allclose(total, log_px[idx], atol=1e-6)
+    assert seen.all()
