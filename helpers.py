@@ -83,7 +83,7 @@ def to_image(x: torch.Tensor) -> torch.Tensor:
 
 def tile_images(x: torch.Tensor, nrow: int, pad: int = 2,
                 pad_value: float = 0.25) -> np.ndarray:
-    """Images (N, 784) or (N, 28, 28) in [0, 1] as one 2-D array, nrow a row."""
+    """Images (N, 784) or (N, 28, 28) in [0, 1] as one array, nrow a row."""
     imgs = (x if x.dim() == 3 else to_image(x)).detach().float().numpy()
     cols, rows = min(nrow, len(imgs)), -(-len(imgs) // nrow)  # rounded up
     h, w = imgs.shape[1] + pad, imgs.shape[2] + pad  # an image, its border
@@ -137,7 +137,7 @@ def check_close(claim: str, ours, ref, atol: float = 0.0,
 
 def check_estimate(claim: str, estimate: float, truth: float, se: float,
                    n_se: float = 4.0) -> None:
-    """Check |estimate - truth| <= n_se standard errors; print to se's digit."""
+    """Check |estimate - truth| <= n_se standard errors, printed to se."""
     z = (estimate - truth) / se
     places = max(1, -math.floor(math.log10(se)))
     check(claim, abs(z) <= n_se,

@@ -277,13 +277,13 @@ def test_svi_recovers_a_conjugate_gaussian_posterior(antithetic):
     s2, y, log_joint = conjugate_problem()
     g = hp.make_generator(10)
     mu, logvar, hist, _ = NB07["svi"](log_joint, torch.zeros(3, 2),
-                              torch.zeros(3, 2), n_steps=1500,
-                              n_samples=32, lr=0.03, generator=g,
-                              antithetic=antithetic)
+                                      torch.zeros(3, 2), n_steps=1500,
+                                      n_samples=32, lr=0.03, generator=g,
+                                      antithetic=antithetic)
     # a second stage with a smaller step lets Adam's noise settle
     mu, logvar, _, _ = NB07["svi"](log_joint, mu, logvar, n_steps=1000,
-                           n_samples=32, lr=0.003, generator=g,
-                           antithetic=antithetic)
+                                   n_samples=32, lr=0.003, generator=g,
+                                   antithetic=antithetic)
     torch.testing.assert_close(mu, y / (1 + s2), atol=0.02, rtol=0)
     torch.testing.assert_close(logvar.exp(),
                                torch.full((3, 2), s2 / (1 + s2)),

@@ -99,8 +99,8 @@ TINY = ["-p", "EPOCHS=1", "-p", "SEED=1", "-p", "N_TRAIN=300",
         "-p", "PRIOR_SAMPLES=4096", "-p", "N_CHECK=50", "-p", "N_CURVE=5",
         "-p", "N_IWAE=100", "-p", "K_ESTIMATE=200", "-p", "MIXTURE_SIZES=[5,20]",
         "-p", "N_FRANKEN=50", "-p", "SVI_STEPS=50", "-p", "N_GAP=20",
-        "-p", "NEWTON_STEPS=30", "-p", "N_REFINE=10", "-p", "N_REPS=100", "-p", "N_REPS_K=50",
-        "-p", "M=20"]
+        "-p", "NEWTON_STEPS=30", "-p", "N_REFINE=10", "-p", "N_REPS=100",
+        "-p", "N_REPS_K=50", "-p", "M=20"]
 
 
 @pytest.mark.slow
