@@ -409,7 +409,7 @@ PARAMETERS = {
                     ("whole", 2, 100)),
     **dict.fromkeys(["PRIOR_SAMPLES", "N_CHECK", "N_CURVE", "N_NEIGHBOURS",
                      "SVI_STEPS", "N_GAP", "NEWTON_STEPS", "N_BASELINE",
-                     "N_REFINE"],
+                     "N_REFINE", "N_PATHS"],
                     ("whole", 1, None)),
     **dict.fromkeys(["N_SAMPLES", "N_REPEATS", "ELBO_SAMPLES", "N_IWAE",
                      "N_FRANKEN", "SVI_SAMPLES", "M", "N_REPS", "N_REPS_K",

@@ -74,11 +74,37 @@ def test_the_readme_table_is_the_metrics_file():
         "<!-- results:end -->")[0]
     for label, value in report.results_rows(metrics):
         assert f"| {label} | {value} |" in table
+    finding = readme.split("<!-- headline:start -->")[1].split(
+        "<!-- headline:end -->")[0]
+    assert finding.strip().splitlines() == report.headline(metrics)
     if "seeds" in metrics:
         seeds = readme.split("<!-- seeds:start -->")[1].split(
             "<!-- seeds:end -->")[0]
         assert seeds.strip().splitlines() == report.seeds_table(
             metrics["seeds"])
+
+
+def test_the_headline_words_follow_the_numbers():
+    """Where the record says the opposite, the README's paragraph does."""
+    import report
+
+    record = json.loads((hp.DATA_DIR / "metrics.json").read_text())
+    text = " ".join(report.headline(record))
+    assert "most of the overfitting is the encoder's" in text
+    assert "costs nothing measurable" in text
+    assert "a tail of badly placed Gaussians carries the mean" in text
+    # held-out images that lose as much ELBO as log p(x), test images that
+    # lose log p(x), and a median amortisation gap as large as the mean
+    other = dict(record, elbo_heldout=record["train_elbo"] - 4.0,
+                 log_px_heldout=record["train_log_px_quadrature"] - 4.0,
+                 test_log_px_quadrature=record["train_log_px_quadrature"]
+                 - 10.0, amortization_gap_median_hi=record[
+                     "amortization_gap_lo"] + 1.0)
+    text = " ".join(report.headline(other))
+    assert "not clearly the larger" in text
+    assert "the change of writers costs log p(x) as well" in text
+    assert "mean and median agree within their intervals" in text
+    assert "falls by 4.0 ±" in text
 
 
 def test_the_seed_table_has_each_seed_and_their_mean_and_sd():
