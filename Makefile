@@ -17,7 +17,7 @@ PARAM_NAMES := EPOCHS SEED LATENT_DIM HIDDEN_DIM N_TRAIN N_TEST LR BATCH_SIZE
 PARAMS := $(foreach p,$(PARAM_NAMES),$(if $($(p)),-p $(p)=$($(p)))) \
           $(foreach p,$(P),-p $(p))
 
-.PHONY: run sweep seeds test test-perturbed refresh report bench export venv data clean
+.PHONY: run sweep seeds test test-perturbed refresh report bench export student venv data clean
 
 run: $(READY) $(MNIST)
 	$(PY) run_series.py --out $(OUT) $(if $(NOTEBOOKS),--only $(NOTEBOOKS)) $(PARAMS)
@@ -65,6 +65,11 @@ bench: $(READY) $(MNIST)
 # Rewrite helpers.py from the notebooks' cells marked `#| export`.
 export: $(READY)
 	$(PY) export.py
+
+# The student edition in build/student: the eight notebooks with every
+# marked solution left for the student ("For lecturers" in the README).
+student: $(READY)
+	$(PY) student.py
 
 venv: $(READY)
 data: $(MNIST)

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 TARGET = ROOT / "helpers.py"
 MARK = re.compile(r"^#\|\s*export\s*$")
+# the student edition's markers (student.py), which the module leaves out
+SOLUTION = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
 WIDTH = 79
 
 HEADER = '''\
@@ -115,7 +117,8 @@ def blocks_of(path: Path) -> list[Block]:
                 span = range(node.lineno - 1, node.end_lineno)
                 drop.update(span)
                 imports.append("\n".join(lines[i] for i in span))
-        kept = [line for i, line in enumerate(lines) if i not in drop]
+        kept = [line for i, line in enumerate(lines)
+                if i not in drop and not SOLUTION.match(line)]
         code = "\n".join(kept).strip("\n")
         blocks.append(Block(path.stem, section, appendix, code, imports,
                             defined_names(tree)))

@@ -101,6 +101,16 @@ def test_the_exporter_collects_marked_cells_in_order(tmp_path):
     assert namespace["C"] == 3
 
 
+def test_the_exporter_leaves_out_the_student_editions_marks(tmp_path):
+    write_notebook(tmp_path / "01_one.ipynb", [
+        ("code", "#| export\ndef f(x):\n    ### BEGIN SOLUTION\n"
+                 "    return 2 * x\n    ### END SOLUTION"),
+    ])
+    text = export.render(export.collect(tmp_path))
+    assert "SOLUTION" not in text
+    assert "def f(x):\n    return 2 * x" in text
+
+
 def test_the_exporter_refuses_a_name_defined_twice(tmp_path):
     write_notebook(tmp_path / "01_one.ipynb",
                    [("code", "#| export\ndef f():\n    return 1")])
