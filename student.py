@@ -85,14 +85,25 @@ def _clear_code(source: str, label) -> tuple[str, list[str]]:
     return "\n".join(out), names
 
 
-def _clear_text(source: str, label) -> tuple[str, list[str]]:
+def _clear_text(source: str, label, context: dict) -> tuple[str, list[str]]:
+    """source with each marked answer replaced by the text stub. context
+    carries the section and the last question (a bold "(x)") seen so far
+    in the notebook, to name an answer whose cell asks no question."""
     out, names, inside = [], [], False
     for line in source.split("\n"):
+        heading = re.match(r"^#+\s+(.*)", line)
+        if heading and not inside:
+            context.update(section=heading.group(1).strip(), question=None)
+        asked = re.findall(r"\*\*\((\w)\)", line)
+        if asked and not inside:
+            context["question"] = asked[-1]
         if line.strip() == TEXT_BEGIN and not inside:
             inside = True
             question = re.findall(r"\*\*\((\w)\)", "\n".join(out))
-            what = (f"written answer ({question[-1]})" if question
-                    else "the written answer")
+            what = (f"written answer ({question[-1]})" if question else
+                    f"written answer ({context['question']}), continued"
+                    if context.get("question") else
+                    f"the written answer in '{context.get('section', '')}'")
             names.append(what)
             out.append(f"{TEXT_STUB} (exercise {label(what)})")
         elif line.strip() == TEXT_END and inside:
@@ -109,6 +120,7 @@ def student_notebook(nb: dict, stem: str) -> tuple[dict, list[Exercise]]:
     exercises; nb is left as it is."""
     nb = copy.deepcopy(nb)
     exercises: list[Exercise] = []
+    context: dict = {}
 
     def label(what: str) -> str:
         exercises.append(Exercise(f"{stem[:2]}.{len(exercises) + 1}", what,
@@ -124,7 +136,7 @@ def student_notebook(nb: dict, stem: str) -> tuple[dict, list[Exercise]]:
                 source = re.sub(r'^OUTPUT_DIR = ""', f'OUTPUT_DIR = '
                                 f'"{OUTPUT_DIR}"', source, flags=re.M)
         elif cell["cell_type"] == "markdown":
-            source, _ = _clear_text(source, label)
+            source, _ = _clear_text(source, label, context)
         mine = [e.label for e in exercises if e.cell == index]
         if mine:
             cell["metadata"]["exercise"] = ", ".join(mine)
@@ -132,10 +144,12 @@ def student_notebook(nb: dict, stem: str) -> tuple[dict, list[Exercise]]:
     if exercises:
         listing = "\n".join(f"- **{e.label}**: {e.what}" for e in exercises)
         intro = ("**Student edition.** The parts marked *YOUR CODE HERE* "
-                 "and *YOUR ANSWER HERE* are yours to write; the cells "
-                 "after each one check it, and stop with the exercise's "
-                 "name until it is done. Exercises in this notebook:\n\n"
-                 + listing)
+                 "and *YOUR ANSWER HERE* are yours to write. Until a piece "
+                 "of code is written, the first cell that uses it stops "
+                 "with the exercise's name; once it is, the checks after "
+                 "it say whether it is right. A written answer has no "
+                 "check: the cells after it show the evidence. Exercises "
+                 "in this notebook:\n\n" + listing)
     else:
         intro = ("**Student edition.** This notebook has no exercises of "
                  "its own: read it, run it, and try its exercises at the "
