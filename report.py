@@ -85,18 +85,24 @@ RESULTS = [
 ]
 
 
+def with_uncertainty(metrics: dict, key: str, fmt: str) -> str:
+    """metrics[key] in fmt, with its standard error (KEY_se) or 95%
+    interval (KEY_lo, KEY_hi) where the record has one."""
+    value = fmt.format(metrics[key])
+    if f"{key}_se" in metrics:
+        value += " ± " + fmt.format(metrics[f"{key}_se"])
+    if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+        value += (f" [{fmt.format(metrics[key + '_lo'])}, "
+                  f"{fmt.format(metrics[key + '_hi'])}]")
+    return value
+
+
 def results_rows(metrics: dict):
     """(label, formatted value) of each headline result in the record,
-    with its standard error (KEY_se) or 95% interval (KEY_lo, KEY_hi)."""
+    with its uncertainty."""
     for key, label, owner, fmt in RESULTS:
         if key in metrics:
-            value = fmt.format(metrics[key])
-            if f"{key}_se" in metrics:
-                value += " ± " + fmt.format(metrics[f"{key}_se"])
-            if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
-                value += (f" [{fmt.format(metrics[key + '_lo'])}, "
-                          f"{fmt.format(metrics[key + '_hi'])}]")
-            yield f"{label} ({owner})", value
+            yield f"{label} ({owner})", with_uncertainty(metrics, key, fmt)
 
 
 def prune_metrics(metrics_path: Path) -> list[str]:
@@ -140,8 +146,7 @@ def headline(m: dict) -> list[str]:
         return m[b] - m[a], math.hypot(m[f"{a}_se"], m[f"{b}_se"])
 
     def interval(key, fmt="{:.2f}"):
-        return (fmt.format(m[key]) + f" [{fmt.format(m[key + '_lo'])}, "
-                f"{fmt.format(m[key + '_hi'])}]")
+        return with_uncertainty(m, key, fmt)
 
     px, px_se = change("log_px_heldout", "train_log_px_quadrature")
     elbo, elbo_se = change("elbo_heldout", "train_elbo")

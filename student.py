@@ -48,13 +48,13 @@ class Exercise:
     cell: int       # the index of its cell in the notebook
 
 
-def _function_of(lines: list[str], at: int, indent: str) -> str:
+def _function_of(lines: list[str], at: int, indent: str) -> str | None:
     """The name of the def that encloses line `at` (less indented)."""
     for line in reversed(lines[:at]):
         found = re.match(r"^(\s*)def (\w+)\(", line)
         if found and len(found.group(1)) < len(indent):
             return found.group(2)
-    return "this cell's code"
+    return None
 
 
 def _clear_code(source: str, label) -> tuple[str, list[str]]:
@@ -65,8 +65,7 @@ def _clear_code(source: str, label) -> tuple[str, list[str]]:
         if begin and inside is None:
             inside = begin.group(1)
             name = _function_of(lines, i, inside)
-            what = (f"the body of {name}" if name != "this cell's code"
-                    else name)
+            what = f"the body of {name}" if name else "this cell's code"
             tag = label(what)
             names.append(what)
             out += [f"{inside}# YOUR CODE HERE (exercise {tag})",
