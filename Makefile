@@ -38,17 +38,18 @@ seeds: $(READY) $(MNIST)
 
 # Unit tests (with a grid of small runs over latent sizes 1, 2 and 3, not the
 # committed configuration) and nbval on the committed notebooks; then nbval again with
-# every model weight jittered by one part in a million (VAE_PERTURB=1): the
+# every model weight jittered by one part in a million (VAE_PERTURB=1, with
+# tests/perturb/sitecustomize.py run as each kernel starts): the
 # jitter is the same on every machine and larger than any difference in
 # rounding between CPUs, so a printed digit that depends on rounding fails
 # here, not on a user's machine.
 test: $(READY) $(MNIST)
 	$(PY) -m pytest
-	VAE_PERTURB=1 $(PY) -m pytest notebooks
+	VAE_PERTURB=1 PYTHONPATH=$(CURDIR)/tests/perturb $(PY) -m pytest notebooks
 
 # The perturbed nbval pass alone.
 test-perturbed: $(READY) $(MNIST)
-	VAE_PERTURB=1 $(PY) -m pytest notebooks
+	VAE_PERTURB=1 PYTHONPATH=$(CURDIR)/tests/perturb $(PY) -m pytest notebooks
 
 # Rewrite the committed notebooks, figures/ and data/metrics.json in place
 # from a run with the default parameters.

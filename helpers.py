@@ -126,13 +126,13 @@ def check_close(claim: str, ours, ref, atol: float = 0.0,
     if ours.shape != ref.shape:
         raise ValueError(f"check_close: shapes differ, {tuple(ours.shape)}"
                          f" vs {tuple(ref.shape)}")
-    ok = bool(((ours == ref)
-               | ((ours - ref).abs() <= atol + rtol * ref.abs())).all())
+    far = ~((ours == ref) | ((ours - ref).abs() <= atol + rtol * ref.abs()))
     tol = " + ".join([f"{atol:.0e}"] * bool(atol)
                      + [f"{rtol:.0e} x |reference|"] * bool(rtol)) or "0"
-    n = ours.numel()
-    check(claim, ok, f"{n:,} value{'s' * (n != 1)} agree{'s' * (n == 1)} "
-                     f"within {tol}")
+    n, bad = ours.numel(), int(far.sum())
+    check(claim, not bad, f"{bad:,} of {n:,} values differ by more than {tol}"
+          if bad else f"{n:,} value{'s' * (n != 1)} agree{'s' * (n == 1)} "
+          f"within {tol}")
 
 
 def check_estimate(claim: str, estimate: float, truth: float, se: float,
@@ -186,8 +186,7 @@ def gaussian_log_pdf(x: torch.Tensor, mu: torch.Tensor,
 
 # --- from 01_distributions.ipynb, "3. The Bernoulli" -------------------------
 class _Softplus(torch.autograd.Function):
-    """log(1 + exp(l)) = max(l, 0) + log(1 + exp(-|l|)), elementwise, with
-    the derivative sigmoid(l)."""
+    """log(1 + exp(l)) as max(l, 0) + log(1 + exp(-|l|)); d/dl sigmoid(l)."""
 
     @staticmethod
     def forward(ctx, logits):
@@ -212,8 +211,7 @@ def bernoulli_sample(probs: torch.Tensor,
 
 
 def bernoulli_log_pdf(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log Bernoulli(x | sigmoid(logits)) = x l - softplus(l), summed over
-    the last dimension."""
+    """log Bernoulli(x | sigmoid(l)) = x l - softplus(l), summed over D."""
     _check_params("bernoulli_log_pdf", x=x, logits=logits)
     return (x * logits - softplus(logits)).sum(-1)
 
@@ -374,10 +372,33 @@ def plot_defaults() -> None:
     import matplotlib as mpl
 
     mpl.rcParams.update({
-        "figure.dpi": 100, "savefig.dpi": 100, "figure.figsize": (6, 4),
+        "figure.dpi": 100, "savefig.dpi": 150, "figure.figsize": (6, 4),
         "image.cmap": "gray_r", "image.interpolation": "nearest",
         "axes.spines.top": False, "axes.spines.right": False,
         "font.size": 10, "axes.titlesize": 11, "legend.frameon": False})
+
+
+def figure_problems(fig) -> list[str]:
+    """What keeps fig from being read alone, one phrase per problem."""
+    found = []
+    for i, ax in enumerate(fig.axes, 1):
+        if (not ax.axison or ax.images or not ax.has_data()
+                or hasattr(ax, "_colorbar")):
+            continue                  # image panels, colour bars, empty axes
+        where = f"panel {i} ({ax.get_title() or 'untitled'})"
+        for xy in "xy":  # its own label, a sharing panel's or the figure's
+            near = getattr(ax, f"get_shared_{xy}_axes")().get_siblings(ax)
+            if not (any(getattr(a, f"get_{xy}label")() for a in near)
+                    or getattr(fig, f"get_sup{xy}label")()):
+                found.append(f"{where} has no {xy} label")
+        grouped = {id(a) for c in ax.containers for a in c.get_children()}
+        series = len(ax.containers) + sum(   # legend proxies have no data
+            id(a) not in grouped and not (hasattr(a, "get_xdata")
+                                          and len(a.get_xdata()) == 0)
+            for a in [*ax.lines, *ax.collections, *ax.patches])
+        if series > 1 and not (ax.get_legend() or fig.legends):
+            found.append(f"{where} draws {series} series without a legend")
+    return found
 
 
 def save_figure(fig, name: str, outputs: Outputs | None = None,
@@ -385,6 +406,11 @@ def save_figure(fig, name: str, outputs: Outputs | None = None,
     """Save fig as NAME.png (NAME starts with the notebook's number)."""
     import matplotlib.pyplot as plt
 
+    problems = figure_problems(fig)
+    if problems:
+        raise ConfigError(f"figure {name} cannot be read alone: "
+                          f"{'; '.join(problems)}; label the axes and give "
+                          "each panel with several series a legend.")
     path = (outputs or output_paths()).figures / f"{name}.png"
     atomic_write(path, lambda tmp: fig.savefig(
         tmp, format="png", bbox_inches="tight", metadata={"Software": None}))
@@ -528,32 +554,6 @@ def kl_to_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1.0 + logvar - mu * mu - torch.exp(logvar)).sum(-1)
 
 
-# --- from 02_model.ipynb, "Appendix: the perturbed test pass" ----------------
-def _perturb_on_first_use(seed: int, scale: float = 1e-6):
-    """From now on, multiply each torch module's parameters by 1 + scale *
-    eps, eps ~ N(0, 1), once, before it first runs; the hook's handle."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def jitter(module, args):
-        if getattr(module, "_vae_perturbed", False):
-            return
-        module._vae_perturbed = True
-        with torch.no_grad():
-            for p in module.parameters(recurse=False):
-                eps = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                p.mul_((1.0 + scale * eps).to(p.dtype))
-
-    return torch.nn.modules.module.register_module_forward_pre_hook(jitter)
-
-
-_seed = os.environ.get("VAE_PERTURB", "").strip()
-if _seed and not _seed.isdigit():
-    raise hp.ConfigError(f"VAE_PERTURB={_seed!r} is not a whole number; set "
-                         "it to a seed (e.g. VAE_PERTURB=1) or unset it.")
-if _seed:
-    _perturb_on_first_use(int(_seed))
-
-
 # --- from 03_training.ipynb, "1. The training loop" --------------------------
 def train_epoch(model: hp.VAE, optimizer: torch.optim.Optimizer,
                 x_train: torch.Tensor, batch_size: int,
@@ -603,11 +603,6 @@ class VAEConfig:
         if self.init_std != 0.01:
             name += f"_init{self.init_std:g}"
         return name + ".pt"
-
-
-def save_checkpoint(checkpoint: dict, path: Path) -> Path:
-    hp.atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-    return Path(path)
 
 
 def find_checkpoint(config: VAEConfig, outputs=None) -> Path | None:
@@ -785,8 +780,7 @@ def tile_box(plan: GridPlan, tiles: torch.Tensor):
 
 
 def _morton(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Interleave the bits of two integers: sorting by the result keeps
-    points that are close in the plane close in the order."""
+    """Interleaved bits: sorting by them keeps near points near in order."""
     key = torch.zeros_like(rows)
     for bit in range(16):
         key |= ((rows >> bit) & 1) << (2 * bit + 1)
@@ -855,19 +849,12 @@ def log_px_quadrature(model: hp.VAE, x: torch.Tensor, lim: float = 7.0,
 
 
 # --- from 04_log_likelihood.ipynb, "8. Where the gap is, image by image" -----
-def _hdr_levels(density: torch.Tensor, masses=(0.99, 0.9, 0.5)):
-    """Heights above which the density holds each share of its mass."""
-    flat = density.flatten().sort(descending=True).values
-    share = flat.cumsum(0) / flat.sum()
-    return sorted({flat[min(int((share < m).sum()), len(flat) - 1)].item()
-                   for m in masses})
-
-
 def plot_posterior(ax, model: hp.VAE, x: torch.Tensor, mu=None,
                    logvar=None, mask: torch.Tensor | None = None,
-                   n: int = 201, title: str | None = None) -> None:
-    """p(z|x) in blue (and q(z|x) in red lines) on a window around the
-    tiles within 12 nats of p's coarse peak (and 4.5 sds of q)."""
+                   n: int = 201, title: str | None = None,
+                   key: tuple[str, str] | None = None) -> None:
+    """Lines around 50%, 90% and 99% of p(z|x) (blue) and q (red), + at
+    the means; key = (p's name, q's name) puts a key under the figure."""
     plan = plan_grid(model, x[None], mask=mask, drop=12.0)
     lo, hi = tile_box(plan, plan.tiles[0])
     if mu is not None:
@@ -880,14 +867,27 @@ def plot_posterior(ax, model: hp.VAE, x: torch.Tensor, mu=None,
     z = torch.cartesian_prod(a0, a1)                            # (n*n, 2)
     with torch.no_grad():
         lj = hp.log_joint(model, x, z.float(), mask).double()
-    dens = torch.exp(lj - lj.max()).reshape(n, n)        # unnormalised
-    ax.contourf(a0, a1, dens.T, levels=[*_hdr_levels(dens), dens.max()],
-                cmap="Blues", alpha=0.9)
+    shown = [("C0", torch.exp(lj - lj.max()))]                 # unnormalised
     if mu is not None:
-        q = torch.exp(hp.gaussian_log_pdf(z, mu.double(), logvar.double()))
-        ax.contour(a0, a1, q.reshape(n, n).T, levels=_hdr_levels(q),
-                   colors="C3", linewidths=1.0)
+        shown.append(("C3", torch.exp(
+            hp.gaussian_log_pdf(z, mu.double(), logvar.double()))))
+    styles, masses = [":", "--", "-"], (0.99, 0.9, 0.5)
+    for colour, dens in shown:  # the heights above which dens holds them
+        flat = dens.sort(descending=True).values
+        share = flat.cumsum(0) / flat.sum()
+        levels = sorted({flat[int((share < m).sum())].item() for m in masses})
+        ax.contour(a0, a1, dens.reshape(n, n).T, levels, colors=colour,
+                   linewidths=1.3, linestyles=styles[3 - len(levels):])
+        ax.plot(*(dens / dens.sum()) @ z, "+", color=colour, ms=11, mew=2)
     ax.set(xlabel="$z_1$", ylabel="$z_2$", aspect="equal", title=title or "")
+    if key:  # lines that draw nothing, for the figure's key
+        for (colour, _), name in zip(shown, key):
+            ax.plot([], [], color=colour, label=name)
+        for ls, m in zip(styles, masses):
+            ax.plot([], [], color="0.3", ls=ls, label=f"{m:.0%} of the mass")
+        ax.plot([], [], "+", color="0.3", ms=9, mew=2, label="mean")
+        ax.figure.legend(loc="upper center", bbox_to_anchor=(0.5, 0.03),
+                         ncol=6, fontsize=9)
 
 
 # --- from 07_posterior_inference.ipynb, "1. The true posterior beside..." ----

@@ -459,6 +459,7 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
     others = [a for a in axes if a != "SEED"]
     x_axis = others[0] if others else axes[0]
     rest = [a for a in others if a != x_axis]
+    hp.plot_defaults()   # the series' look
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for h, colour in zip(numbers, plt.rcParams["axes.prop_cycle"]
                          .by_key()["color"]):
@@ -497,14 +498,19 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
     if sizes and None not in sizes:
         title += (f"\n{sizes[0]:,} training and {sizes[1]:,} test images; "
                   f"test IWAE on {sizes[2]:,} random test images")
-    ax.set(xlabel=x_axis, ylabel="nats per image (higher is better)",
-           title=title)
+    called = {"LATENT_DIM": "latent dimensions", "HIDDEN_DIM": "hidden units",
+              "N_TRAIN": "training images", "EPOCHS": "epochs",
+              "LR": "learning rate", "BATCH_SIZE": "minibatch size"}
+    ax.set(xlabel=f"{called.get(x_axis, x_axis)} ({x_axis})",
+           ylabel="nats per image (higher is better)", title=title)
     if x_axis == "LATENT_DIM":
         ax.set_xscale("log")
         ax.set_xticks(sorted({key[x_axis] for key, _ in rows}))
         ax.get_xaxis().set_major_formatter(ScalarFormatter())
         ax.minorticks_off()
     ax.legend(fontsize=8)
+    problems = hp.figure_problems(fig)
+    assert not problems, f"the sweep's figure: {'; '.join(problems)}"
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
 

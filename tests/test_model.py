@@ -19,6 +19,12 @@ NB07 = notebook_definitions("07_posterior_inference", "svi", "TOP_HALF",
                             "gaussian_elbo_quadrature", "kl_q_posterior_grid")
 
 
+def save_checkpoint(ckpt, path):
+    """As 03 saves one."""
+    hp.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    return path
+
+
 def tiny_model(seed=0, pixels=3, init_std=0.8):
     """A 1-D latent VAE small enough to integrate log p(x) exactly."""
     torch.manual_seed(seed)
@@ -164,7 +170,7 @@ def small_checkpoint():
 def test_checkpoint_round_trip(tmp_path, small_checkpoint):
     config, ckpt = small_checkpoint
     out = hp.output_paths(tmp_path)
-    path = hp.save_checkpoint(ckpt, out.checkpoints / config.checkpoint_name())
+    path = save_checkpoint(ckpt, out.checkpoints / config.checkpoint_name())
     assert hp.find_checkpoint(config, out) == path
     model, loaded = hp.load_checkpoint(config, out)
     for key, value in ckpt["state_dict"].items():
@@ -177,7 +183,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(
         tmp_path, small_checkpoint, monkeypatch):
     config, ckpt = small_checkpoint
     path = tmp_path / "model.pt"
-    hp.save_checkpoint(ckpt, path)
+    save_checkpoint(ckpt, path)
     before = path.read_bytes()
 
     def broken_save(obj, f):
@@ -187,7 +193,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        hp.save_checkpoint(ckpt, path)
+        save_checkpoint(ckpt, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
@@ -195,7 +201,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_intact(
 def test_mismatched_or_missing_checkpoints_are_refused(tmp_path,
                                                        small_checkpoint):
     config, ckpt = small_checkpoint
-    path = hp.save_checkpoint(ckpt, tmp_path / "model.pt")
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
     other = hp.VAEConfig(epochs=1, n_train=200, hidden_dim=30)
     with pytest.raises(hp.ConfigError, match="hidden_dim=20 \\(asked 30\\)"):
         hp.load_checkpoint(other, path=path)
@@ -392,55 +398,6 @@ def test_kl_on_the_grid_equals_log_px_minus_elbo():
     se = w.std().item() / math.sqrt(len(w))
     assert kl > 0
     assert abs(gap - kl) < 4 * se + 1e-3
-
-
-def jittered(seed, build):
-    """The parameters of build() after its first run under the hook."""
-    handle = hp._perturb_on_first_use(seed)
-    try:
-        torch.manual_seed(0)
-        model = build()
-        with torch.no_grad():
-            model.decode(torch.zeros(1, model.latent_dim))
-            model.encode(torch.zeros(1, 5))
-            model.decode(torch.zeros(1, model.latent_dim))  # only once
-    finally:
-        handle.remove()
-    return [p.detach().clone() for p in model.parameters()]
-
-
-def test_perturbation_is_one_part_in_a_million_and_the_same_every_time():
-    def build():
-        return hp.VAE(latent_dim=2, hidden_dim=8, n_pixels=5, init_std=0.5)
-
-    torch.manual_seed(0)
-    base = [p.detach().clone() for p in build().parameters()]
-    first, again, other = jittered(1, build), jittered(1, build), \
-        jittered(2, build)
-    for p0, p1, p2, p3 in zip(base, first, again, other):
-        assert torch.equal(p1, p2)
-        nonzero = p0 != 0
-        if not nonzero.any():    # the biases start at 0 and stay there
-            continue
-        rel = (p1[nonzero] / p0[nonzero] - 1).double()
-        if rel.numel() > 20:     # jitter of the stated size, not zero
-            assert 0.5e-6 < rel.std() < 2e-6
-        assert 0 < rel.abs().max() < 1e-5
-        assert not torch.equal(p1[nonzero], p3[nonzero])
-
-
-def test_a_bad_perturbation_seed_is_one_sentence():
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", "import helpers"],
-                          capture_output=True, text=True,
-                          env={**os.environ, "VAE_PERTURB": "yes"})
-    assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("helpers.ConfigError: VAE_PERTURB='yes' is not a "
-                           "whole number")
 
 
 def test_the_log_likelihood_is_linear_in_the_image():
