@@ -487,13 +487,17 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
                 ax.plot(x, m, "o", color=colour,
                         markerfacecolor="white" if open_ else colour)
     if "test log p(x)" in numbers:
-        ax.plot([], [], "o", color="0.3", label="log p(x) by quadrature")
+        ways = sorted({row.get("log p(x) by") for _, row in rows}
+                      - {None, "quadrature"})
+        ax.plot([], [], "o", color="0.3", label="test log p(x) by quadrature")
         ax.plot([], [], "o", color="0.3", markerfacecolor="white",
-                label="log p(x) is an IWAE bound")
+                label="test log p(x) by " + (" or ".join(ways) or "IWAE")
+                + ", a lower bound")
     seeds = {key.get("SEED") for key, _ in rows}
     bars = "; bars: sd over seeds" if "SEED" in axes and others else ""
     title = (f"Headline numbers across the sweep: {len(rows)} runs"
-             + (f", {len(seeds)} seeds" if "SEED" in axes else ", one seed")
+             + (f", {len(seeds)} seeds" if "SEED" in axes
+                else ", each with the default seed")
              + bars)
     if sizes and None not in sizes:
         title += (f"\n{sizes[0]:,} training and {sizes[1]:,} test images; "
