@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent
 NOTEBOOKS = ROOT / "notebooks"
 TARGET = ROOT / "helpers.py"
 MARK = re.compile(r"^#\|\s*export\s*$")
-# the student edition's markers (student.py), which the module leaves out
-SOLUTION = re.compile(r"^\s*### (BEGIN|END) SOLUTION\s*$")
+# the student edition's marks around a solution in code (nbgrader's): the
+# module leaves them out, student.py replaces what lies between them
+SOLUTION = re.compile(r"^(\s*)### (BEGIN|END) SOLUTION\s*$")
 WIDTH = 79
 
 HEADER = '''\

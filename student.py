@@ -31,11 +31,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-NOTEBOOKS = ROOT / "notebooks"
+from export import NOTEBOOKS, ROOT, SOLUTION, notebook_paths
+
 OUT = ROOT / "build" / "student"
-CODE_BEGIN = re.compile(r"^(\s*)### BEGIN SOLUTION\s*$")
-CODE_END = re.compile(r"^\s*### END SOLUTION\s*$")
 TEXT_BEGIN, TEXT_END = "<!-- BEGIN SOLUTION -->", "<!-- END SOLUTION -->"
 TEXT_STUB = "YOUR ANSWER HERE"
 OUTPUT_DIR = "build/student/output"   # relative to the repository
@@ -61,9 +59,10 @@ def _clear_code(source: str, label) -> tuple[str, list[str]]:
     """source with each marked region replaced by a stub; what each was."""
     lines, out, names, inside = source.split("\n"), [], [], None
     for i, line in enumerate(lines):
-        begin = CODE_BEGIN.match(line)
-        if begin and inside is None:
-            inside = begin.group(1)
+        mark = SOLUTION.match(line)
+        kind = mark.group(2) if mark else None
+        if kind == "BEGIN" and inside is None:
+            inside = mark.group(1)
             name = _function_of(lines, i, inside)
             what = f"the body of {name}" if name else "this cell's code"
             tag = label(what)
@@ -73,9 +72,9 @@ def _clear_code(source: str, label) -> tuple[str, list[str]]:
                     f'{inside}    "exercise {tag}: write {what} here; the '
                     f'cells after this one"',
                     f'{inside}    " check it")']
-        elif CODE_END.match(line) and inside is not None:
+        elif kind == "END" and inside is not None:
             inside = None
-        elif CODE_BEGIN.match(line) or CODE_END.match(line):
+        elif kind:
             raise ValueError(f"unbalanced solution marks near {line!r}")
         elif inside is None:
             out.append(line)
@@ -167,7 +166,7 @@ def write_edition(out: Path = OUT, notebooks: Path = NOTEBOOKS
     exercises of each."""
     out.mkdir(parents=True, exist_ok=True)
     found = {}
-    for path in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
+    for path in notebook_paths(notebooks):
         nb, exercises = student_notebook(
             json.loads(path.read_text(encoding="utf-8")), path.stem)
         (out / path.name).write_text(

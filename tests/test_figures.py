@@ -76,8 +76,10 @@ def test_every_committed_figure_is_one_a_notebook_draws():
     import json
     import re
 
+    import export
+
     saved = {"sweep_latent_dim"}
-    for path in sorted((hp.ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+    for path in export.notebook_paths():
         for cell in json.loads(path.read_text())["cells"]:
             saved |= set(re.findall(r'save_figure\(\s*fig,\s*"(\w+)"',
                                     "".join(cell["source"])))
