@@ -158,7 +158,7 @@ def _check_params(fn: str, **tensors) -> tuple:
                          f" (event) dimension of size >= 1, got {shapes()}")
     try:
         return np.broadcast_shapes(*(t.shape for t in tensors.values()))
-    except ValueError:   # (NumPy's is some 30 times faster than torch's)
+    except ValueError:  # NumPy's: 3 us a call, torch's up to 100 us
         raise ValueError(f"{fn}: shapes do not broadcast ({shapes()}); give "
                          "them the same last dimension") from None
 
