@@ -124,9 +124,10 @@ def sizes(metrics: dict) -> dict:
 def results_rows(metrics: dict):
     """(label, formatted value) of each headline result in the record,
     with its uncertainty, the label quoting the record's sample sizes."""
+    shown = sizes(metrics)
     for key, label, owner, fmt in RESULTS:
         if key in metrics:
-            yield (f"{label.format_map(sizes(metrics))} ({owner})",
+            yield (f"{label.format_map(shown)} ({owner})",
                    with_uncertainty(metrics, key, fmt))
 
 
