@@ -226,7 +226,8 @@ def headline(m: dict) -> list[str]:
         "over images). A hundred SVI steps from the encoder's guess close "
         f"{interval('refine_share_closed_100', '{:.0%}')} of it on "
         f"{n['n_refine']} test images "
-        "(semi-amortised inference, Kim et al. 2018). Zhang, Hayes & Barber "
+        "(refinement at test time, as in Krishnan, Liang & Hoffman 2018). "
+        "Zhang, Hayes & Barber "
         "(2022) find for larger VAEs that overfitting is mostly in "
         "inference, which amortised inference regularisation (Shu et al. "
         "2018) targets.")
