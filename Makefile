@@ -9,12 +9,16 @@ PY     := $(VENV)/bin/python
 READY  := $(VENV)/.ready
 MNIST  := data/MNIST/raw/t10k-labels-idx1-ubyte
 
-# Batch-run settings: `make run EPOCHS=5 SEED=1 OUT=build/quick`.
-# Any notebook parameter can also be given as P="NAME=VALUE NAME=VALUE".
+# Batch-run settings: `make run EPOCHS=5 SEED=1 OUT=build/quick`. Every
+# NAME=VALUE on make's command line other than make's own settings below is
+# a notebook parameter, and so is each NAME=VALUE in P="NAME=VALUE ...":
+# the runner checks every name and value before the first notebook starts,
+# so a misspelt name (EPOCH=5) stops the run instead of being ignored.
 OUT       ?= build
 NOTEBOOKS ?=
-PARAM_NAMES := EPOCHS SEED LATENT_DIM HIDDEN_DIM N_TRAIN N_TEST LR BATCH_SIZE
-PARAMS := $(foreach p,$(PARAM_NAMES),$(if $($(p)),-p $(p)=$($(p)))) \
+MAKE_OWN  := PYTHON OUT NOTEBOOKS P SWEEP JOBS
+CMDLINE   := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+PARAMS := $(foreach p,$(filter-out $(MAKE_OWN),$(CMDLINE)),-p '$(p)=$($(p))') \
           $(foreach p,$(P),-p $(p))
 
 .PHONY: run sweep seeds test test-perturbed refresh report bench export student venv data clean

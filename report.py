@@ -31,8 +31,10 @@ MATHJAX = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 # The README's table, the HTML index and the test that holds the metrics
 # file against the notebooks' outputs all read this list.
 RESULTS = [
-    ("train_elbo", "train ELBO, K = 100", "03", "{:.2f}"),
-    ("test_elbo", "test ELBO, K = 100", "03", "{:.2f}"),
+    ("train_elbo", "train ELBO, mean of K = 100 samples per image", "03",
+     "{:.2f}"),
+    ("test_elbo", "test ELBO, mean of K = 100 samples per image", "03",
+     "{:.2f}"),
     ("train_log_px_quadrature", "train log p(x), quadrature", "04",
      "{:.2f}"),
     ("test_log_px_quadrature", "test log p(x), quadrature", "04", "{:.2f}"),
@@ -199,7 +201,8 @@ def headline(m: dict) -> list[str]:
         + ("So most of the overfitting is the encoder's"
            if elbo - 2 * elbo_se > 2 * (px + 2 * px_se) else
            "The encoder's share of the overfitting is not clearly the larger")
-        + (", and the change of writers costs nothing measurable. "
+        + (", and any cost of the change of writers is too small for these "
+           "sets to show. "
            if writers > -2 * writers_se else
            "; the change of writers costs log p(x) as well. ")
         + f"The importance-weighted bound with K = {n['elbo_samples']} "
@@ -207,7 +210,12 @@ def headline(m: dict) -> list[str]:
         f"{m['test_iwae_gap']:.1f} ± {m['test_iwae_gap_se']:.1f} nats short "
         f"of log p(x) on {n['n_iwae']} random test images; the ELBO falls "
         f"{m['test_log_px_quadrature'] - m['test_elbo']:.1f} nats short on "
-        f"all {n['n_test']}.")
+        f"all {n['n_test']}. All of this is one training run, and its ± "
+        "are over images" + ("; the seed table below shows how far another "
+                             "training seed moves the test numbers."
+                             if m.get("seeds") else
+                             "; this record does not say how far another "
+                             "training seed would move them."))
     second = (
         "Notebook 07 splits the ELBO's shortfall image by image (Cremer, Li "
         "& Duvenaud 2018), with the best diagonal Gaussian for each image "

@@ -448,9 +448,10 @@ def record_seeds(runs: list[tuple[dict, dict]], defaults: dict) -> None:
 
 def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
     """Each headline number against the first swept parameter other than
-    SEED (mean, and the standard deviation over seeds as bars); open
-    markers for a
-    log p(x) that is an IWAE bound rather than a quadrature."""
+    SEED (mean, and the standard deviation over seeds as bars); a test
+    log p(x) that is an IWAE bound rather than a quadrature is drawn with
+    open markers and dashed lines, so that an exact value is never joined
+    to a bound as if they were one kind of number."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -476,23 +477,25 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
                   if len(by_x[x]) > 1 else 0.0 for x in xs]
             extra = ", ".join(f"{a} = {v}" for a, v in zip(rest, line))
             key = names.get(h, h) + (f" ({extra})" if extra else "")
-            if any(sd):
-                ax.errorbar(xs, mid, yerr=sd, color=colour, capsize=3,
-                            label=key)
-            else:
-                ax.plot(xs, mid, color=colour, label=key)
             bound = [h == "test log p(x)" and by_x[x][0][1] != "quadrature"
                      for x in xs]
+            if any(sd):
+                ax.errorbar(xs, mid, yerr=sd, color=colour, capsize=3,
+                            fmt="none")
+            for i in range(len(xs) - 1):   # dashed where a bound is joined
+                ax.plot(xs[i:i + 2], mid[i:i + 2], color=colour,
+                        ls="--" if bound[i] or bound[i + 1] else "-")
             for x, m, open_ in zip(xs, mid, bound):
                 ax.plot(x, m, "o", color=colour,
                         markerfacecolor="white" if open_ else colour)
-    if "test log p(x)" in numbers:
-        ways = sorted({row.get("log p(x) by") for _, row in rows}
-                      - {None, "quadrature"})
-        ax.plot([], [], "o", color="0.3", label="test log p(x) by quadrature")
-        ax.plot([], [], "o", color="0.3", markerfacecolor="white",
-                label="test log p(x) by " + (" or ".join(ways) or "IWAE")
-                + ", a lower bound")
+            ax.plot([], [], "o-", color=colour, label=key
+                    + (" by quadrature" if any(bound) else ""))
+            if any(bound):
+                ways = sorted({row.get("log p(x) by") for _, row in rows}
+                              - {None, "quadrature"})
+                ax.plot([], [], "o--", color=colour, markerfacecolor="white",
+                        label=key + " by " + (" or ".join(ways) or "IWAE")
+                        + ", a lower bound")
     seeds = {key.get("SEED") for key, _ in rows}
     bars = "; bars: sd over seeds" if "SEED" in axes and others else ""
     title = (f"Headline numbers across the sweep: {len(rows)} runs"
@@ -505,9 +508,11 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
     called = {"LATENT_DIM": "latent dimensions", "HIDDEN_DIM": "hidden units",
               "N_TRAIN": "training images", "EPOCHS": "epochs",
               "LR": "learning rate", "BATCH_SIZE": "minibatch size"}
-    ax.set(xlabel=f"{called.get(x_axis, x_axis)} ({x_axis})",
+    log_x = x_axis == "LATENT_DIM"
+    ax.set(xlabel=f"{called.get(x_axis, x_axis)} ({x_axis})"
+           + (", log scale" if log_x else ""),
            ylabel="nats per image (higher is better)", title=title)
-    if x_axis == "LATENT_DIM":
+    if log_x:
         ax.set_xscale("log")
         ax.set_xticks(sorted({key[x_axis] for key, _ in rows}))
         ax.get_xaxis().set_major_formatter(ScalarFormatter())
