@@ -48,8 +48,9 @@ RESULTS = [
     ("quadrature_prior_mc_mean_abs_diff",
      "mean abs. difference quadrature vs prior MC, same images", "04",
      "{:.3f}"),
-    ("mixture_test_log_px", "test log p(x), Bernoulli mixture", "04",
-     "{:.2f}"),
+    ("mixture_test_log_px", "test log p(x), mixture of {mixture_components} "
+     "Bernoulli products (the size chosen on held-out training images)",
+     "04", "{:.2f}"),
     ("frankenstein_auc", "AUC, natural vs spliced digits", "04", "{:.3f}"),
     ("elbo_heldout", "held-out ELBO, K = {elbo_samples} (training images "
      "{held_out}, never trained on)", "04", "{:.2f}"),
@@ -62,20 +63,22 @@ RESULTS = [
      "images, mean", "07", "{:.2f}"),
     ("amortization_gap", "amortisation gap, {n_gap} random test images, "
      "mean", "07", "{:.2f}"),
-    ("amortization_gap_median", "same, median", "07", "{:.2f}"),
+    ("amortization_gap_median", "amortisation gap, {n_gap} random test "
+     "images, median", "07", "{:.2f}"),
     ("refine_share_closed_100", "share of that gap closed by 100 SVI steps "
      "from the encoder's q, {n_refine} test images", "07", "{:.0%}"),
     ("grad_variance_ratio_sf",
-     "gradient variance, score function / reparam.", "08", "{:,.0f}"),
+     "variance of the ELBO's gradient in mu_1, summed over a minibatch, "
+     "K = 1: score function / reparam.", "08", "{:,.0f}"),
     ("grad_variance_ratio_sf_baseline",
-     "same, score function with per-image baseline ({calls} calls of f "
-     "per image)", "08", "{:.1f}"),
+     "that variance, score function with a per-image baseline ({calls} "
+     "calls of f per image) / reparam.", "08", "{:.1f}"),
     ("grad_price_ratio_sf_baseline",
-     "variance x calls of f, per-image baseline / reparam.", "08",
-     "{:,.0f}"),
+     "variance x calls of f, score function with a per-image baseline / "
+     "reparam.", "08", "{:,.0f}"),
     ("grad_price_ratio_sf_loo",
-     "same, leave-one-out baseline over K = {calls} samples", "08",
-     "{:.1f}"),
+     "variance x calls of f, score function with a leave-one-out baseline "
+     "over K = {calls} samples / reparam.", "08", "{:.1f}"),
     ("train_speedup_vs_dataloader",
      "training speed-up of the series' loop over a DataLoader loop", "bench",
      "{:.2f}x"),
@@ -102,11 +105,11 @@ def with_uncertainty(metrics: dict, key: str, fmt: str) -> str:
 
 
 # The sample sizes the notebooks record beside their results, which the
-# labels above and the headline paragraph quote: 04 records the sets and
-# K, 07 the images of its gap split and of its refinement, 08 its
-# baseline's extra samples.
+# labels above and the headline paragraph quote: 04 records the sets, K
+# and the mixture's size, 07 the images of its gap split and of its
+# refinement, 08 its baseline's extra samples.
 SIZES = ["n_train", "n_test", "n_heldout", "elbo_samples", "n_iwae",
-         "n_check", "n_gap", "n_refine", "n_baseline"]
+         "n_check", "mixture_components", "n_gap", "n_refine", "n_baseline"]
 
 
 def sizes(metrics: dict) -> dict:

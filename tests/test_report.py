@@ -120,13 +120,17 @@ def test_labels_quote_the_sample_sizes_of_the_run():
     rows = dict(report.results_rows(record))
     assert "test IWAE bound (K = 100), 2,000 random test images (04)" in rows
     other = dict(record, elbo_samples=10, n_iwae=500, n_train=5_000,
-                 n_heldout=2_000, n_gap=50, n_refine=20, n_baseline=3)
+                 n_heldout=2_000, n_gap=50, n_refine=20, n_baseline=3,
+                 mixture_components=25)
     rows = dict(report.results_rows(other))
     for label in ("test IWAE bound (K = 10), 500 random test images (04)",
                   "held-out ELBO, K = 10 (training images 5,001 to 7,000, "
                   "never trained on) (04)",
                   "approximation gap, 50 random test images, mean (07)",
-                  "same, leave-one-out baseline over K = 4 samples (08)"):
+                  "test log p(x), mixture of 25 Bernoulli products (the size "
+                  "chosen on held-out training images) (04)",
+                  "variance x calls of f, score function with a leave-one-out "
+                  "baseline over K = 4 samples / reparam. (08)"):
         assert label in rows, label
     text = " ".join(report.headline(other))
     assert "on 5,000 training images, 2,000 held-out training images " \

@@ -5,6 +5,8 @@ one epoch) runs every notebook that applies end to end through papermill
 into a scratch folder, skipping the others up front with a sentence."""
 
 import json
+import os
+import subprocess
 
 import nbformat
 import pytest
@@ -148,3 +150,20 @@ def test_a_sweep_over_latent_sizes_runs_every_notebook_that_applies(
     assert table[2].startswith("| 1 |") and "| quadrature |" in table[2]
     assert table[4].startswith("| 3 |") and "| IWAE, K = 200 |" in table[4]
     assert (out / "sweep.csv").is_file() and (out / "sweep.png").is_file()
+
+
+def test_make_gives_the_runner_every_name_that_is_not_its_own():
+    """`make run NAME=VALUE` passes every name but make's own settings to
+    the runner, so that its check sees a misspelt one (EPOCH) too."""
+    env = {k: v for k, v in os.environ.items()   # not a parent make's
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    lines = subprocess.run(
+        ["make", "--no-print-directory", "-n", "run", "EPOCH=5", "N_IWAE=3",
+         "OUT=build/x", "NOTEBOOKS=04", "P=N_REPS=5"], cwd=hp.ROOT, env=env,
+        capture_output=True, text=True, check=True).stdout.splitlines()
+    command = [line for line in lines if "run_series.py" in line][-1]
+    assert command.startswith(".venv/bin/python run_series.py --out build/x "
+                              "--only 04")
+    for given in ("-p 'EPOCH=5'", "-p 'N_IWAE=3'", "-p N_REPS=5"):
+        assert given in command
+    assert "OUT=" not in command and "NOTEBOOKS=" not in command
