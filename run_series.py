@@ -462,6 +462,8 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
     rest = [a for a in others if a != x_axis]
     hp.plot_defaults()   # the series' look
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    ways = sorted({row.get("log p(x) by") for _, row in rows}
+                  - {None, "quadrature"})   # how the bounds were found
     for h, colour in zip(numbers, plt.rcParams["axes.prop_cycle"]
                          .by_key()["color"]):
         lines = {}
@@ -488,11 +490,10 @@ def plot_sweep(path: Path, rows, axes, numbers, names, sizes=None) -> None:
             for x, m, open_ in zip(xs, mid, bound):
                 ax.plot(x, m, "o", color=colour,
                         markerfacecolor="white" if open_ else colour)
-            ax.plot([], [], "o-", color=colour, label=key
-                    + (" by quadrature" if any(bound) else ""))
+            if not all(bound):   # a key entry for each kind drawn
+                ax.plot([], [], "o-", color=colour, label=key
+                        + (" by quadrature" if any(bound) else ""))
             if any(bound):
-                ways = sorted({row.get("log p(x) by") for _, row in rows}
-                              - {None, "quadrature"})
                 ax.plot([], [], "o--", color=colour, markerfacecolor="white",
                         label=key + " by " + (" or ".join(ways) or "IWAE")
                         + ", a lower bound")
